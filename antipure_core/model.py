@@ -1,0 +1,56 @@
+"""The small interface through which the core sees a latent diffusion model.
+
+Everything in ``antipure_core`` (protection, purification, customization)
+talks to a model only through :class:`DiffusionModel`. The ComfyUI bridge in
+``nodes/`` implements it on the host's MODEL/VAE; the tests implement it with
+tiny conv modules. Conventions:
+
+* images are ``(B, C, H, W)`` float tensors in ``[0, 1]`` (C = 3);
+* latents are *scaled* latents, the space the noise predictor works in;
+* timesteps are integer tensors ``(B,)`` in ``[0, num_timesteps)``;
+* the forward process is variance preserving:
+  ``z_t = sqrt(abar_t) z_0 + sqrt(1 - abar_t) eps`` (see :mod:`.diffusion`).
+"""
+from __future__ import annotations
+
+from typing import Any, Protocol, runtime_checkable
+
+import torch
+from torch import Tensor
+
+
+@runtime_checkable
+class DiffusionModel(Protocol):
+    """What the core needs of a model. All methods must be differentiable."""
+
+    #: cumulative product of alphas, ``(num_timesteps,)`` float32 on any device
+    alphas_cumprod: Tensor
+    #: spatial down-sampling factor of the autoencoder (8 for Stable Diffusion)
+    downsample: int
+
+    @property
+    def num_timesteps(self) -> int: ...
+
+    @property
+    def device(self) -> torch.device: ...
+
+    def encode(self, x: Tensor) -> Tensor:
+        """``(B, 3, H, W)`` in [0, 1] -> scaled latent ``(B, c, H/f, W/f)``."""
+
+    def decode(self, z: Tensor) -> Tensor:
+        """Scaled latent -> image ``(B, 3, H, W)``, roughly in [0, 1], not clamped."""
+
+    def predict_noise(self, z_t: Tensor, t: Tensor, cond: Any) -> Tensor:
+        """Noise prediction eps_hat for noisy latent ``z_t`` at integer timesteps ``t``.
+
+        ``cond`` is opaque to the core (a text embedding, a host CONDITIONING,
+        ...); the implementation broadcasts it over the batch.
+        """
+
+
+def check_model(model: Any) -> None:
+    """Raise ``TypeError`` naming what is missing when ``model`` is not a :class:`DiffusionModel`."""
+    need = ("alphas_cumprod", "downsample", "num_timesteps", "device", "encode", "decode", "predict_noise")
+    missing = [n for n in need if not hasattr(model, n)]
+    if missing:
+        raise TypeError(f"model: not a DiffusionModel, missing {', '.join(missing)}")
