@@ -86,7 +86,14 @@ def make_toy(seed: int = 0, cond_dim: int = 16) -> tuple[ToyLDM, torch.Tensor]:
     """A seeded toy model in eval mode with frozen weights, and a conditioning vector."""
     g = torch.Generator().manual_seed(seed)
     torch.manual_seed(seed)
-    model = ToyLDM(cond_dim=cond_dim).eval().requires_grad_(False)
+    model = ToyLDM(cond_dim=cond_dim)
+    # variance-preserving init: with PyTorch's default init, activations shrink
+    # layer by layer and the random model would barely depend on its input
+    for mod in model.modules():
+        if isinstance(mod, (nn.Conv2d, nn.ConvTranspose2d, nn.Linear)):
+            nn.init.kaiming_normal_(mod.weight, generator=g)
+            nn.init.zeros_(mod.bias)
+    model = model.eval().requires_grad_(False)
     cond = torch.randn(1, cond_dim, generator=g)
     return model, cond
 
