@@ -1,0 +1,563 @@
+"""Headless batch runner: one workflow over a folder of images, through the host's own executor.
+
+``python -m antipure run WORKFLOW --images DIR --out DIR [--set NODE.INPUT=VALUE ...]
+[--models DIR] [--cpu]`` boots ComfyUI in-process, loads this pack the way the
+host does, converts the workflow (UI or API format), and for every image sets
+the image-loading node, executes the prompt with ``execution.PromptExecutor``
+and writes the saved files to ``OUT/<image stem>/`` plus ``OUT/results.csv``
+(image, status, seconds, output files, and every STRING a node returned, such
+as a markdown or JSON report).
+
+Nothing from the workflow is evaluated: ``--set`` values are parsed as JSON or
+kept as plain strings.
+
+Exit codes: 0 all images done, 1 some image failed, 2 host not found (or bad
+command line), 3 invalid workflow, 4 model missing, 5 image folder missing or
+empty.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import csv
+import json
+import logging
+import os
+import shutil
+import sys
+import tempfile
+import time
+import uuid
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Iterable, Mapping, Sequence
+
+from .workflow_format import WIDGET_TYPES, WorkflowError, load_prompt
+
+__all__ = [
+    "EXIT_OK", "EXIT_FAILED", "EXIT_NO_HOST", "EXIT_BAD_WORKFLOW", "EXIT_NO_MODEL", "EXIT_NO_IMAGES",
+    "RunnerError", "ImageResult", "find_comfyui", "boot_host", "load_pack", "add_models_dir",
+    "apply_sets", "find_image_inputs", "missing_models", "validate", "list_images", "BatchRunner",
+    "write_results_csv", "main",
+]
+
+EXIT_OK, EXIT_FAILED, EXIT_NO_HOST, EXIT_BAD_WORKFLOW, EXIT_NO_MODEL, EXIT_NO_IMAGES = 0, 1, 2, 3, 4, 5
+
+PACK_ROOT = Path(__file__).resolve().parents[1]
+IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".webp", ".bmp", ".tif", ".tiff")
+_UPLOAD_KEYS = ("image_upload", "animated_image_upload")
+
+
+class RunnerError(Exception):
+    """A condition that stops the run before any image is processed; ``code`` is the exit code."""
+
+    def __init__(self, code: int, message: str):
+        super().__init__(message)
+        self.code = code
+
+
+# --- host -----------------------------------------------------------------------------------
+
+def _is_comfyui_root(path: Path) -> bool:
+    return (path / "main.py").is_file() and (path / "nodes.py").is_file() and (path / "comfy").is_dir()
+
+
+def find_comfyui(explicit: str | os.PathLike | None = None, start: Path = PACK_ROOT) -> Path:
+    """Locate the ComfyUI root: ``explicit``, else ``$COMFYUI_PATH``, else the ComfyUI whose
+    ``custom_nodes/`` holds ``start`` (the pack).
+
+    Raises:
+        RunnerError: (exit 2) nothing found; the message says to set COMFYUI_PATH.
+    """
+    candidates: list[tuple[str, Path]] = []
+    if explicit:
+        candidates.append(("--comfyui", Path(explicit)))
+    elif os.environ.get("COMFYUI_PATH"):
+        candidates.append(("COMFYUI_PATH", Path(os.environ["COMFYUI_PATH"])))
+    else:
+        for parent in Path(start).resolve().parents:
+            if parent.name == "custom_nodes":
+                candidates.append(("the pack's location", parent.parent))
+                break
+    for source, path in candidates:
+        if _is_comfyui_root(path.expanduser()):
+            return path.expanduser().resolve()
+        raise RunnerError(EXIT_NO_HOST, f"ComfyUI not found: {source} points to {path}, which has no "
+                                        "main.py/nodes.py/comfy/. Set COMFYUI_PATH to the ComfyUI folder.")
+    raise RunnerError(EXIT_NO_HOST, "ComfyUI not found: set COMFYUI_PATH to the ComfyUI folder "
+                                    "(or install this pack inside ComfyUI/custom_nodes/).")
+
+
+_BOOTED: Path | None = None
+
+
+async def boot_host(comfy_root: Path, cpu: bool | None = None, verbose: bool = False) -> None:
+    """Import ComfyUI from ``comfy_root`` and register its built-in nodes (once per process).
+
+    ``cpu=None`` picks the CPU when torch sees no CUDA/MPS device.
+    """
+    global _BOOTED
+    if _BOOTED is not None:
+        if _BOOTED != comfy_root:
+            raise RunnerError(EXIT_NO_HOST, f"ComfyUI already booted from {_BOOTED}, not {comfy_root}")
+        return
+    root = str(comfy_root)
+    if root in sys.path:
+        sys.path.remove(root)
+    sys.path.insert(0, root)  # the host's nodes.py must win over this pack's nodes/ package
+    loaded = sys.modules.get("nodes")
+    if loaded is not None and not hasattr(loaded, "NODE_CLASS_MAPPINGS"):
+        raise RunnerError(EXIT_NO_HOST, f"'nodes' is already imported from {getattr(loaded, '__file__', loaded)}, "
+                                        "not the host's nodes.py; put the ComfyUI folder first on sys.path")
+    from comfy.cli_args import args  # before comfy.model_management is imported
+
+    if cpu is None:
+        import torch
+
+        mps = getattr(torch.backends, "mps", None)
+        cpu = not (torch.cuda.is_available() or (mps is not None and mps.is_available()))
+    args.cpu = bool(cpu)
+    level = logging.getLogger().level
+    if not verbose:  # the host warns about optional parts it cannot import (e.g. torchaudio)
+        logging.getLogger().setLevel(logging.ERROR)
+    try:
+        import utils.extra_config  # noqa: F401 - bind `utils` to the host's package before nodes.py shadows it
+        import utils.install_util  # noqa: F401
+        import nodes
+
+        await nodes.init_extra_nodes(init_custom_nodes=False, init_api_nodes=False)
+    finally:
+        logging.getLogger().setLevel(level)
+    _BOOTED = comfy_root
+
+
+async def load_pack(pack_dir: Path = PACK_ROOT) -> bool:
+    """Load a custom node pack exactly as the host does (``nodes.load_custom_node``)."""
+    import nodes
+
+    return bool(await nodes.load_custom_node(str(pack_dir)))
+
+
+def add_models_dir(models_dir: str | os.PathLike) -> list[str]:
+    """Register a models folder laid out like ``ComfyUI/models`` (``checkpoints/``, ``loras/`` ...).
+
+    Model files directly in the folder count as checkpoints. Returns the registered kinds.
+    """
+    import folder_paths
+
+    models_dir = Path(models_dir).resolve()
+    kinds = []
+    for kind in list(folder_paths.folder_names_and_paths):
+        if (models_dir / kind).is_dir():
+            folder_paths.add_model_folder_path(kind, str(models_dir / kind), is_default=True)
+            kinds.append(kind)
+    exts = folder_paths.supported_pt_extensions
+    if any(p.suffix in exts for p in models_dir.iterdir() if p.is_file()):
+        folder_paths.add_model_folder_path("checkpoints", str(models_dir), is_default=True)
+        kinds.append("checkpoints")
+    return kinds
+
+
+# --- prompt editing and checks --------------------------------------------------------------
+
+def _title(prompt: Mapping[str, dict], node_id: str) -> str:
+    return (prompt[node_id].get("_meta") or {}).get("title") or prompt[node_id]["class_type"]
+
+
+def _input_specs(node_classes: Mapping[str, Any], class_type: str) -> dict[str, Any]:
+    schema = node_classes[class_type].INPUT_TYPES()
+    return {**(schema.get("required") or {}), **(schema.get("optional") or {})}
+
+
+def _parse_value(text: str) -> Any:
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError:
+        return text
+
+
+def _find_node(prompt: Mapping[str, dict], ref: str) -> str:
+    if ref in prompt:
+        return ref
+    for key in ("title", "class_type"):
+        found = [nid for nid in prompt
+                 if (_title(prompt, nid) if key == "title" else prompt[nid]["class_type"]) == ref]
+        if len(found) == 1:
+            return found[0]
+        if len(found) > 1:
+            raise WorkflowError(f"--set: '{ref}' matches several nodes ({', '.join(found)}); use a node id")
+    known = ", ".join(f"{nid} ({_title(prompt, nid)})" for nid in prompt)
+    raise WorkflowError(f"--set: no node with id or title '{ref}'; nodes: {known}")
+
+
+def apply_sets(prompt: dict, sets: Iterable[str], node_classes: Mapping[str, Any]) -> dict:
+    """Apply ``NODE.INPUT=VALUE`` overrides in place (NODE: id, title or unique class type;
+    VALUE: JSON if it parses, else the plain string). Returns ``prompt``.
+
+    Raises:
+        WorkflowError: malformed item, unknown node or input.
+    """
+    for item in sets:
+        target, sep, value = item.partition("=")
+        node_ref, dot, name = target.rpartition(".")
+        if not sep or not dot or not node_ref or not name:
+            raise WorkflowError(f"--set {item!r}: expected NODE.INPUT=VALUE, e.g. 3.steps=4 or \"KSampler.cfg=7.5\"")
+        node_id = _find_node(prompt, node_ref)
+        specs = _input_specs(node_classes, prompt[node_id]["class_type"])
+        if name not in specs:
+            raise WorkflowError(f"--set {item!r}: node {node_id} ({prompt[node_id]['class_type']}) has no input "
+                                f"'{name}'; inputs: {', '.join(specs)}")
+        type_ = specs[name][0] if isinstance(specs[name], (list, tuple)) and specs[name] else specs[name]
+        if not isinstance(type_, (list, tuple)) and type_ not in WIDGET_TYPES:
+            raise WorkflowError(f"--set {item!r}: input '{name}' of node {node_id} is a {type_} connection, "
+                                "not a value that can be set")
+        val = _parse_value(value)
+        prompt[node_id]["inputs"][name] = {"__value__": val} if isinstance(val, list) else val
+    return prompt
+
+
+def find_image_inputs(prompt: Mapping[str, dict], node_classes: Mapping[str, Any]) -> list[tuple[str, str]]:
+    """(node id, input name) of every image-file input: a combo with ``image_upload`` (LoadImage ...)."""
+    found = []
+    for node_id, node in prompt.items():
+        for name, spec in _input_specs(node_classes, node["class_type"]).items():
+            opts = spec[1] if isinstance(spec, (list, tuple)) and len(spec) > 1 and isinstance(spec[1], dict) else {}
+            if any(opts.get(k) is True for k in _UPLOAD_KEYS):
+                found.append((node_id, name))
+    return found
+
+
+def missing_models(prompt: Mapping[str, dict], node_classes: Mapping[str, Any]) -> list[str]:
+    """One message per model-file input whose value is not in its models folder, listing what is there."""
+    import folder_paths
+
+    problems = []
+    model_kinds = [k for k in folder_paths.folder_names_and_paths if k not in ("custom_nodes", "configs")]
+    for node_id, node in prompt.items():
+        specs = _input_specs(node_classes, node["class_type"])
+        for name, value in node["inputs"].items():
+            spec = specs.get(name)
+            if not isinstance(value, str) or not isinstance(spec, (list, tuple)) or not spec:
+                continue
+            choices = spec[0] if isinstance(spec[0], (list, tuple)) else (
+                (spec[1].get("options") if len(spec) > 1 and isinstance(spec[1], dict) else None))
+            if not isinstance(choices, (list, tuple)) or value in choices:
+                continue
+            if os.path.splitext(value)[1].lower() not in folder_paths.supported_pt_extensions:
+                continue
+            kinds = [k for k in model_kinds if set(folder_paths.get_filename_list(k)) == set(choices)] or ["?"]
+            kind = kinds[0]
+            where = ", ".join(folder_paths.get_folder_paths(kind)) if kind != "?" else "the models folders"
+            have = ", ".join(map(str, choices)) or "nothing"
+            problems.append(f"node {node_id} ({_title(prompt, node_id)}): {name} '{value}' is not in {kind} "
+                            f"({where}); available: {have}. Put the file there or pass --models DIR.")
+    return problems
+
+
+async def validate(prompt: dict) -> tuple[list[str], list[str]]:
+    """The host's ``execution.validate_prompt``: (readable errors, empty when valid; output node ids)."""
+    import execution
+
+    valid, error, outputs, node_errors = await execution.validate_prompt(str(uuid.uuid4()), prompt, None)
+    if valid:
+        return [], list(outputs)
+    problems = []
+    for node_id, info in (node_errors or {}).items():
+        for err in info.get("errors", []):
+            details = err.get("details") or err.get("message", "")
+            problems.append(f"node {node_id} ({info.get('class_type', '?')}): {details}")
+    if not problems and error:
+        problems.append(f"{error.get('message', '')} {error.get('details', '')}".strip())
+    return problems, []
+
+
+def list_images(path: str | os.PathLike) -> list[Path]:
+    """Image files in a folder (sorted), or the file itself.
+
+    Raises:
+        RunnerError: (exit 5) missing folder or no images in it.
+    """
+    path = Path(path)
+    if path.is_file():
+        return [path]
+    if not path.is_dir():
+        raise RunnerError(EXIT_NO_IMAGES, f"--images: {path} does not exist; give a folder of images")
+    images = sorted(p for p in path.iterdir() if p.is_file() and p.suffix.lower() in IMAGE_EXTENSIONS)
+    if not images:
+        raise RunnerError(EXIT_NO_IMAGES, f"--images: no images ({', '.join(IMAGE_EXTENSIONS)}) in {path}")
+    return images
+
+
+# --- execution ------------------------------------------------------------------------------
+
+class _HeadlessServer:
+    """The few attributes of ComfyUI's PromptServer that the executor uses; events go to a callback."""
+
+    def __init__(self, on_event):
+        self.client_id = None
+        self.last_node_id = None
+        self.last_prompt_id = None
+        self.sockets_metadata: dict = {}
+        self.on_event = on_event
+
+    def send_sync(self, event, data, sid=None):
+        self.on_event(event, data)
+
+    def queue_updated(self):
+        pass
+
+
+@dataclass
+class ImageResult:
+    """One row of the results table."""
+
+    image: str
+    status: str = "ok"
+    seconds: float = 0.0
+    outputs: list[str] = field(default_factory=list)
+    strings: dict[str, str] = field(default_factory=dict)
+    error: str = ""
+
+
+def _output_files(ui_outputs: Mapping[str, Any], out_dir: Path) -> list[str]:
+    files = []
+    for ui in ui_outputs.values():
+        for items in (ui or {}).values():
+            for item in items if isinstance(items, list) else []:
+                if isinstance(item, dict) and "filename" in item and item.get("type", "output") == "output":
+                    files.append(str(Path(item.get("subfolder", "")) / item["filename"]))
+    return [f for f in files if (out_dir / f).is_file()]
+
+
+class BatchRunner:
+    """Runs one API prompt repeatedly with different input images (models stay cached).
+
+    Args:
+        prompt: API prompt (after :func:`apply_sets`); not modified.
+        image_input: (node id, input name) that receives each image's file name.
+        progress: show tqdm bars (images, and the running node's own steps).
+    """
+
+    def __init__(self, prompt: dict, image_input: tuple[str, str] | None, progress: bool = True):
+        import comfy.utils
+        import execution
+
+        self.prompt, self.image_input, self.progress = prompt, image_input, progress
+        self.server = _HeadlessServer(self._on_event)
+        self.executor = execution.PromptExecutor(self.server, cache_type=False)
+        self.errors: list[dict] = []
+        self.node_bar = None
+        comfy.utils.set_progress_bar_global_hook(self._on_progress)
+
+    def _on_event(self, event: str, data: Any) -> None:
+        if event in ("execution_error", "execution_interrupted"):
+            self.errors.append({"event": event, **(data if isinstance(data, dict) else {})})
+        elif event == "executing" and self.node_bar is not None and isinstance(data, dict):
+            node = data.get("node")
+            if node in self.prompt:
+                self.node_bar.set_description_str(f"node {node} {_title(self.prompt, node)}"[:40])
+                self.node_bar.reset(total=1)
+
+    def _on_progress(self, value, total, preview=None, prompt_id=None, node_id=None):
+        if self.node_bar is not None and total:
+            if self.node_bar.total != total:
+                self.node_bar.reset(total=total)
+            self.node_bar.n = value
+            self.node_bar.refresh()
+
+    async def run_image(self, image: Path, out_dir: Path, input_dir: Path) -> ImageResult:
+        """Execute the prompt for one image; saved files go to ``out_dir/<image stem>/``.
+
+        Saving nodes keep their objects (and output folder) across runs in the executor's
+        cache, so the per-image folder goes into every ``filename_prefix`` instead.
+        """
+        import folder_paths
+
+        prompt = json.loads(json.dumps(self.prompt))
+        result = ImageResult(image=image.name)
+        if self.image_input is not None:
+            shutil.copy2(image, input_dir / image.name)
+            node_id, name = self.image_input
+            prompt[node_id]["inputs"][name] = image.name
+        for node in prompt.values():
+            prefix = node["inputs"].get("filename_prefix")
+            if isinstance(prefix, str):
+                node["inputs"]["filename_prefix"] = f"{image.stem}/{prefix}"
+        out_dir.mkdir(parents=True, exist_ok=True)
+        folder_paths.set_output_directory(str(out_dir))
+        t0 = time.perf_counter()
+        problems, outputs = await validate(prompt)
+        if problems:
+            result.status, result.error = "invalid", "; ".join(problems)
+            return result
+        self.errors = []
+        prompt_id = str(uuid.uuid4())
+        self.server.last_prompt_id = prompt_id
+        await self.executor.execute_async(prompt, prompt_id, {"client_id": "antipure-runner"}, outputs)
+        result.seconds = round(time.perf_counter() - t0, 3)
+        if self.errors or not self.executor.success:
+            err = self.errors[0] if self.errors else {}
+            result.status = "interrupted" if err.get("event") == "execution_interrupted" else "error"
+            result.error = (f"node {err.get('node_id')} ({err.get('node_type')}): "
+                            f"{err.get('exception_type', '')}: {err.get('exception_message', '')}").strip()
+            return result
+        result.outputs = _output_files(self.executor.history_result.get("outputs", {}), out_dir)
+        result.strings = self._strings(prompt)
+        return result
+
+    def _strings(self, prompt: Mapping[str, dict]) -> dict[str, str]:
+        """STRING outputs of executed nodes, plus text a node showed in the UI, by ``title.output``."""
+        strings = {}
+        for node_id in prompt:
+            cls = _node_class(prompt[node_id]["class_type"])
+            types = list(getattr(cls, "RETURN_TYPES", ()) or ())
+            names = list(getattr(cls, "RETURN_NAMES", None) or types)
+            data = self.executor.caches.outputs.get(node_id)
+            label = _title(prompt, node_id)
+            for i, type_ in enumerate(types):
+                if type_ == "STRING" and data is not None and i < len(data):
+                    values = [v for v in data[i] if isinstance(v, str)]
+                    if values:
+                        strings[f"{label}.{names[i]}"] = "\n".join(values)
+            ui = self.executor.caches.ui.get(node_id)
+            texts = ((ui or {}).get("output") or {}).get("text")
+            if isinstance(texts, list) and all(isinstance(t, str) for t in texts) and texts:
+                strings.setdefault(f"{label}.text", "\n".join(texts))
+        return strings
+
+
+def _node_class(class_type: str):
+    import nodes
+
+    return nodes.NODE_CLASS_MAPPINGS[class_type]
+
+
+def write_results_csv(path: Path, results: Sequence[ImageResult]) -> None:
+    """One row per image: image, status, seconds, outputs (';'-joined), error, then STRING outputs."""
+    extra = []
+    for r in results:
+        extra += [k for k in r.strings if k not in extra]
+    with open(path, "w", newline="", encoding="utf-8") as f:
+        w = csv.writer(f)
+        w.writerow(["image", "status", "seconds", "outputs", "error", *extra])
+        for r in results:
+            w.writerow([r.image, r.status, r.seconds, ";".join(r.outputs), r.error,
+                        *(r.strings.get(k, "") for k in extra)])
+
+
+# --- command line ---------------------------------------------------------------------------
+
+def _parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="python -m antipure", description="Run ComfyUI workflows headless.")
+    sub = p.add_subparsers(dest="command", required=True)
+    r = sub.add_parser("run", help="run a workflow over a folder of images",
+                       description="Run a ComfyUI workflow (UI or API JSON) once per image in a folder, "
+                                   "with the host's own executor; writes OUT/<image stem>/ and OUT/results.csv.")
+    r.add_argument("workflow", help="workflow JSON (saved from the ComfyUI menu, or API format)")
+    r.add_argument("--images", required=True, help="folder of input images (png/jpg/webp/...)")
+    r.add_argument("--out", required=True, help="output folder")
+    r.add_argument("--set", dest="sets", action="append", default=[], metavar="NODE.INPUT=VALUE",
+                   help="override an input; NODE is an id or title, VALUE JSON or text (repeatable)")
+    r.add_argument("--models", help="models folder (checkpoints/, loras/ ... or checkpoint files)")
+    r.add_argument("--image-node", help="id or title of the image-loading node, if there are several")
+    r.add_argument("--cpu", action="store_true", help="run on the CPU even when a GPU is present")
+    r.add_argument("--comfyui", help="ComfyUI folder (default: $COMFYUI_PATH or the pack's location)")
+    r.add_argument("--no-progress", action="store_true", help="no progress bars")
+    r.add_argument("--verbose", action="store_true", help="show the host's log")
+    return p
+
+
+async def _run(ns: argparse.Namespace) -> int:
+    comfy_root = find_comfyui(ns.comfyui)
+    workflow = Path(ns.workflow)
+    if not workflow.is_file():
+        raise RunnerError(EXIT_BAD_WORKFLOW, f"workflow: {workflow} does not exist")
+    images = list_images(ns.images)
+    if ns.models and not Path(ns.models).is_dir():
+        raise RunnerError(EXIT_NO_MODEL, f"--models: {ns.models} is not a folder")
+    await boot_host(comfy_root, cpu=True if ns.cpu else None, verbose=ns.verbose)
+    if not await load_pack(PACK_ROOT):
+        print(f"warning: the pack at {PACK_ROOT} did not load (see the log above); "
+              "only the host's own nodes are available", file=sys.stderr)
+    if ns.models:
+        add_models_dir(ns.models)
+    import nodes
+
+    try:
+        prompt = load_prompt(workflow, nodes.NODE_CLASS_MAPPINGS)
+        apply_sets(prompt, ns.sets, nodes.NODE_CLASS_MAPPINGS)
+    except WorkflowError as e:
+        raise RunnerError(EXIT_BAD_WORKFLOW, f"invalid workflow {workflow}: {e}") from None
+    image_inputs = find_image_inputs(prompt, nodes.NODE_CLASS_MAPPINGS)
+    if ns.image_node:
+        try:
+            chosen = _find_node(prompt, ns.image_node)
+        except WorkflowError as e:
+            raise RunnerError(EXIT_BAD_WORKFLOW, str(e).replace("--set", "--image-node")) from None
+        image_inputs = [x for x in image_inputs if x[0] == chosen]
+        if not image_inputs:
+            raise RunnerError(EXIT_BAD_WORKFLOW, f"--image-node {ns.image_node}: node {chosen} loads no image file")
+    if len(image_inputs) > 1:
+        names = ", ".join(f"{nid} ({_title(prompt, nid)})" for nid, _ in image_inputs)
+        raise RunnerError(EXIT_BAD_WORKFLOW, f"the workflow has several image inputs ({names}); "
+                                             "choose one with --image-node")
+    if not image_inputs:
+        raise RunnerError(EXIT_BAD_WORKFLOW, "the workflow has no image-loading node (e.g. LoadImage) "
+                                             "to feed the --images into")
+    problems = missing_models(prompt, nodes.NODE_CLASS_MAPPINGS)
+    if problems:
+        raise RunnerError(EXIT_NO_MODEL, "model not found:\n  - " + "\n  - ".join(problems))
+
+    import folder_paths
+    from tqdm.auto import tqdm
+
+    out = Path(ns.out).resolve()
+    out.mkdir(parents=True, exist_ok=True)
+    results: list[ImageResult] = []
+    with tempfile.TemporaryDirectory(prefix="antipure-run-") as tmp:
+        input_dir, temp_dir = Path(tmp, "input"), Path(tmp, "temp")
+        input_dir.mkdir()
+        temp_dir.mkdir()
+        folder_paths.set_input_directory(str(input_dir))
+        folder_paths.set_temp_directory(str(temp_dir))
+        # validate once up front with the first image so a broken workflow fails fast
+        first = json.loads(json.dumps(prompt))
+        shutil.copy2(images[0], input_dir / images[0].name)
+        first[image_inputs[0][0]]["inputs"][image_inputs[0][1]] = images[0].name
+        problems, _ = await validate(first)
+        if problems:
+            raise RunnerError(EXIT_BAD_WORKFLOW, f"invalid workflow {workflow}:\n  - " + "\n  - ".join(problems))
+        runner = BatchRunner(prompt, image_inputs[0], progress=not ns.no_progress)
+        disable = True if ns.no_progress else None  # None: tqdm shows bars on a terminal only
+        bar = tqdm(images, desc="images", unit="img", disable=disable, position=0)
+        runner.node_bar = tqdm(total=1, desc="node", position=1, leave=False, disable=disable)
+        try:
+            for image in bar:
+                res = await runner.run_image(image, out, input_dir)
+                results.append(res)
+                write_results_csv(out / "results.csv", results)
+                if res.status != "ok":
+                    tqdm.write(f"{image.name}: {res.status}: {res.error}", file=sys.stderr)
+                bar.set_postfix_str(f"{image.name}: {res.status}")
+        finally:
+            if runner.node_bar is not None:
+                runner.node_bar.close()
+            bar.close()
+    failed = [r for r in results if r.status != "ok"]
+    print(f"{len(results) - len(failed)}/{len(results)} images done; results in {out / 'results.csv'}")
+    return EXIT_FAILED if failed else EXIT_OK
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point of ``python -m antipure``; returns the exit code."""
+    ns = _parser().parse_args(argv)
+    logging.basicConfig(level=logging.INFO if ns.verbose else logging.WARNING, format="%(message)s")
+    try:
+        return asyncio.run(_run(ns))
+    except RunnerError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return e.code
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
