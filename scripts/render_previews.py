@@ -1,0 +1,206 @@
+"""Render ``workflows/<name>.jpg`` previews with the host's real web frontend.
+
+For each workflow JSON this starts ComfyUI's own server on loopback (CPU, a
+throw-away base directory whose ``custom_nodes/`` links to this pack, so the
+pack's nodes draw with their real widgets), opens the page in headless
+Chromium through Playwright, loads the workflow with ``app.loadGraphData``,
+fits the view, hides the menus and dialogs and saves a JPEG of the canvas
+next to the workflow (the name the host's template browser looks for).
+
+    COMFYUI_PATH=/path/to/ComfyUI python scripts/render_previews.py            # workflows/*.json
+    python scripts/render_previews.py some/flow.json --out-dir /tmp/previews
+
+Needs Playwright for Python (``pip install playwright``) and a Chromium
+binary (Debian: ``apt-get install chromium``); Playwright's own browser
+download is not used. Exit codes: 0 done, 1 a preview failed or came out
+blank, 2 ComfyUI, Playwright or Chromium missing.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import os
+import shutil
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.request
+from pathlib import Path
+
+PACK_ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(PACK_ROOT))
+
+from antipure.runner import RunnerError, find_comfyui  # noqa: E402
+
+CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
+                 "--disable-background-networking", "--disable-component-update", "--disable-sync"]
+CHROMIUM_CANDIDATES = ("/usr/bin/chromium", "/usr/bin/chromium-browser", "/usr/bin/google-chrome")
+# frontend settings for a clean canvas: no first-run template browser, minimap, zoom menu, fps info
+SETTINGS = {"Comfy.TutorialCompleted": True, "Comfy.Minimap.Visible": False, "Comfy.Graph.CanvasMenu": False,
+            "Comfy.Graph.CanvasInfo": False, "Comfy.EnableTooltips": False, "Comfy.Validation.Workflows": False,
+            "Comfy.EnableWorkflowViewRestore": True}
+# everything drawn over the canvas: menus, side bar, toasts, dialogs, the node search box
+HIDE_CSS = """
+body > *:not(#vue-app), .comfyui-menu, .comfyui-body-top, .comfyui-body-left, .comfyui-body-right,
+.comfyui-body-bottom, .side-tool-bar-container, .p-toast, .p-dialog-mask, .p-dialog, .graph-canvas-menu,
+.comfy-menu, .workflow-tabs-container, .actionbar, .bottom-panel, .splitter-overlay-bottom,
+[class*="minimap"], .p-tooltip, .litegraph .dialog, .selection-toolbox { display: none !important; }
+"""
+
+
+class PreviewError(RuntimeError):
+    """A preview could not be made; ``code`` is the exit code."""
+
+    def __init__(self, message: str, code: int = 1):
+        super().__init__(message)
+        self.code = code
+
+
+def find_chromium(explicit: str | None = None) -> str:
+    """Path of a Chromium binary (``explicit``, ``$CHROMIUM``, then the usual Debian paths)."""
+    for path in (explicit, os.environ.get("CHROMIUM"), *CHROMIUM_CANDIDATES, shutil.which("chromium")):
+        if path and Path(path).is_file():
+            return path
+    raise PreviewError("no Chromium found: apt-get install chromium (or set CHROMIUM=/path/to/chrome)", 2)
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@contextlib.contextmanager
+def comfy_server(comfy_root: Path, pack_dir: Path = PACK_ROOT, timeout: float = 180.0, log=None):
+    """Run ComfyUI's ``main.py`` on a free loopback port with the pack linked into a temporary
+    ``custom_nodes/``; yields the base URL and stops the server afterwards."""
+    with tempfile.TemporaryDirectory(prefix="antipure-preview-") as base:
+        base = Path(base)
+        (base / "custom_nodes").mkdir()
+        os.symlink(pack_dir, base / "custom_nodes" / pack_dir.name, target_is_directory=True)
+        user = base / "user" / "default"
+        user.mkdir(parents=True)
+        (user / "comfy.settings.json").write_text(json.dumps(SETTINGS))
+        port = _free_port()
+        cmd = [sys.executable, "main.py", "--cpu", "--listen", "127.0.0.1", "--port", str(port),
+               "--base-directory", str(base), "--disable-auto-launch", "--disable-api-nodes",
+               "--database-url", "sqlite:///:memory:"]
+        logfile = open(base / "server.log", "w")
+        proc = subprocess.Popen(cmd, cwd=comfy_root, stdout=logfile, stderr=subprocess.STDOUT,
+                                stdin=subprocess.DEVNULL)
+        url = f"http://127.0.0.1:{port}"
+        try:
+            deadline = time.monotonic() + timeout
+            while True:
+                if proc.poll() is not None:
+                    raise PreviewError(f"ComfyUI server exited with code {proc.returncode}:\n"
+                                       + (base / "server.log").read_text()[-3000:])
+                try:
+                    with urllib.request.urlopen(url + "/system_stats", timeout=2) as r:
+                        if r.status == 200:
+                            break
+                except OSError:
+                    pass
+                if time.monotonic() > deadline:
+                    raise PreviewError(f"ComfyUI server did not answer within {timeout:.0f} s:\n"
+                                       + (base / "server.log").read_text()[-3000:])
+                time.sleep(0.5)
+            yield url
+        finally:
+            proc.terminate()
+            try:
+                proc.wait(timeout=15)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait()
+            logfile.close()
+            if log is not None:
+                log.write((base / "server.log").read_text())
+
+
+def pixel_std(path: Path) -> float:
+    """Pixel standard deviation of an image (a blank canvas is ~0)."""
+    from PIL import Image, ImageStat
+
+    with Image.open(path) as im:
+        return float(sum(ImageStat.Stat(im.convert("RGB")).stddev) / 3)
+
+
+def render(workflows: list[Path], out_dir: Path | None, comfy_root: Path, chromium: str,
+           width: int = 1280, height: int = 800, quality: int = 85, min_std: float = 4.0) -> list[Path]:
+    """Screenshot each workflow; returns the JPEG paths. Raises PreviewError on a blank or failed one."""
+    try:
+        from playwright.sync_api import sync_playwright
+    except ImportError:
+        raise PreviewError("Playwright for Python is missing: pip install playwright "
+                           "(the browser comes from the system: apt-get install chromium)", 2) from None
+    written = []
+    with comfy_server(comfy_root) as url, sync_playwright() as pw, tempfile.TemporaryDirectory() as profile:
+        browser = pw.chromium.launch_persistent_context(
+            profile, executable_path=chromium, args=CHROMIUM_ARGS, headless=True,
+            viewport={"width": width, "height": height}, device_scale_factor=1)
+        try:
+            page = browser.new_page()
+            errors: list[str] = []
+            page.on("pageerror", lambda e: errors.append(str(e)))
+            page.goto(url, wait_until="load", timeout=120_000)
+            page.wait_for_function("() => window.app && window.app.graph && window.app.canvas", timeout=120_000)
+            page.add_style_tag(content=HIDE_CSS)
+            for wf in workflows:
+                data = json.loads(wf.read_text(encoding="utf-8"))
+                (data.get("extra") or {}).pop("ds", None)  # no saved view: the frontend fits the graph
+                page.evaluate("""async (g) => {
+                    await window.app.loadGraphData(g, true, true, null,
+                        {showMissingNodesDialog: false, showMissingModelsDialog: false});
+                }""", data)
+                page.wait_for_timeout(1500)  # the fit happens after the first frame; let it settle
+                page.evaluate("""() => {
+                    const c = window.app.canvas; c.deselectAll?.(); c.setDirty(true, true); c.draw(true, true);
+                }""")
+                target = (out_dir or wf.parent) / (wf.stem + ".jpg")
+                target.parent.mkdir(parents=True, exist_ok=True)
+                canvas = page.locator("#graph-canvas")
+                canvas.screenshot(path=str(target), type="jpeg", quality=quality)
+                std = pixel_std(target)
+                if std < min_std:
+                    raise PreviewError(f"{target}: the screenshot is blank (pixel std {std:.2f}); "
+                                       f"page errors: {errors[-3:]}")
+                written.append(target)
+                print(f"{wf} -> {target} (pixel std {std:.1f})")
+        finally:
+            browser.close()
+    return written
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("workflows", nargs="*", type=Path, help="workflow JSON files (default: workflows/*.json)")
+    p.add_argument("--out-dir", type=Path, help="where to write the .jpg files (default: next to each workflow)")
+    p.add_argument("--comfyui", help="ComfyUI folder (default: $COMFYUI_PATH or the pack's location)")
+    p.add_argument("--chromium", help="Chromium binary (default: $CHROMIUM or /usr/bin/chromium)")
+    p.add_argument("--width", type=int, default=1280)
+    p.add_argument("--height", type=int, default=800)
+    ns = p.parse_args(argv)
+    workflows = ns.workflows or sorted((PACK_ROOT / "workflows").glob("*.json"))
+    if not workflows:
+        print("no workflows to render", file=sys.stderr)
+        return 1
+    try:
+        comfy_root = find_comfyui(ns.comfyui)
+        render([Path(w) for w in workflows], ns.out_dir, comfy_root, find_chromium(ns.chromium),
+               ns.width, ns.height)
+    except RunnerError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return e.code
+    except PreviewError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return e.code
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
