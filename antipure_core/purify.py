@@ -143,7 +143,7 @@ def _purify_tile(purify_window: Callable[[Tensor], Tensor], tile: Tensor) -> Ten
     if not isinstance(out, Tensor) or out.shape != tile.shape:
         got = tuple(out.shape) if isinstance(out, Tensor) else type(out).__name__
         raise ValueError(f"purify_window: must return a tile of the input's shape {tuple(tile.shape)}, got {got}")
-    return out.to(tile.dtype)
+    return out.to(device=tile.device, dtype=tile.dtype)
 
 
 def gridpure(x: Tensor, purify_window: Callable[[Tensor], Tensor], window: int = 256, stride: int = 128,
