@@ -1,0 +1,376 @@
+"""Tests of antipure_core.metrics: smoke, shapes, exceptions and known answers.
+
+Photos come from scikit-image's bundled data; face and BRISQUE tests skip
+with a reason when their optional packages (requirements-metrics.txt) are missing.
+"""
+import csv
+import json
+import math
+import pickle
+import warnings
+
+import pytest
+import torch
+
+from antipure_core.frequency import patch_idct
+from antipure_core.metrics import evaluate, markdown_table, tables_markdown
+from antipure_core.metrics.artifacts import grid_artifact_score, high_frequency_ratio
+from antipure_core.metrics.common import ModelNotAvailable, package_dir, to_rgb
+from antipure_core.metrics.perceptibility import perturbation_norms, psnr, ssim
+from antipure_core.metrics.report import append_results
+
+skdata = pytest.importorskip("skimage.data", reason="scikit-image provides the test photos")
+
+needs_brisque = pytest.mark.skipif(package_dir("brisque") is None, reason="pip install -r requirements-metrics.txt")
+needs_dlib = pytest.mark.skipif(package_dir("dlib") is None or package_dir("face_recognition_models") is None,
+                                reason="pip install -r requirements-metrics.txt (dlib-bin, face-recognition-models)")
+
+
+def photo(name: str) -> torch.Tensor:
+    a = torch.from_numpy(getattr(skdata, name)().copy()).float() / 255
+    if a.ndim == 2:
+        a = a[..., None].expand(-1, -1, 3)
+    return a[..., :3].permute(2, 0, 1)[None].contiguous()
+
+
+@pytest.fixture(scope="module")
+def astronaut_face():
+    return photo("astronaut")[..., 0:256, 128:384]  # 256x256 around the ~90 px face
+
+
+@pytest.fixture(scope="module")
+def small_photo():
+    return torch.nn.functional.interpolate(photo("astronaut"), size=(128, 128), mode="area")
+
+
+def grid_pattern(size: int, seed: int = 0) -> torch.Tensor:
+    g = torch.Generator().manual_seed(seed)
+    return torch.sign(torch.randn(1, 3, 8, 8, generator=g)).repeat(1, 1, size // 8, size // 8)
+
+
+# ------------------------------------------------------------ perceptibility
+
+def test_psnr_identical_is_inf_without_warning():
+    x = torch.rand(2, 3, 16, 16)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert torch.isinf(psnr(x, x)).all()
+
+
+def test_psnr_known_answer():
+    x = torch.full((1, 3, 8, 8), 0.5)
+    assert psnr(x, x + 0.1).item() == pytest.approx(20.0, abs=1e-4)  # MSE 0.01
+
+
+def test_ssim_range_and_tiny_images():
+    x = torch.rand(2, 3, 32, 32)
+    y = (x + 0.2 * torch.randn_like(x)).clamp(0, 1)
+    assert ssim(x, x) == pytest.approx(torch.ones(2), abs=1e-5)
+    assert (ssim(x, y) < 0.9).all()
+    assert ssim(x[..., :5, :5], y[..., :5, :5]).shape == (2,)
+
+
+def test_perturbation_norms_after_8bit_quantisation():
+    x = torch.round(torch.rand(2, 3, 16, 16) * 200 + 20) / 255  # on the 8-bit grid
+    delta = torch.sign(torch.randn_like(x)) * 8 / 255
+    n = perturbation_norms(x, x + delta)
+    assert n["linf_255"].tolist() == [8.0, 8.0]
+    assert n["linf"] == pytest.approx(torch.full((2,), 8 / 255))
+    assert n["l2_255"] == pytest.approx(torch.full((2,), 8 * math.sqrt(3 * 16 * 16)), rel=1e-5)
+    assert n["l2"] == pytest.approx(n["l2_255"] / 255)
+
+
+def test_gray_is_replicated_and_rgba_drops_alpha():
+    x = torch.rand(1, 1, 16, 16)
+    assert torch.equal(to_rgb(x), x.expand(-1, 3, -1, -1))
+    y = torch.rand(1, 4, 16, 16)
+    assert torch.equal(to_rgb(y), y[:, :3])
+    assert psnr(x, x.expand(-1, 3, -1, -1)).isinf().all()
+
+
+@pytest.mark.parametrize("bad, match", [
+    (torch.rand(0, 3, 8, 8), "empty"),
+    (torch.rand(1, 2, 8, 8), "channels"),
+    (torch.rand(3, 8, 8), "B, C, H, W"),
+    (torch.rand(1, 3, 8, 8) + 1, r"\[0, 1\]"),
+])
+def test_bad_inputs_raise_naming_the_argument(bad, match):
+    with pytest.raises(ValueError, match=match):
+        psnr(torch.rand(1, 3, 8, 8), bad)
+
+
+def test_mismatched_shapes_name_both():
+    with pytest.raises(ValueError, match=r"\(1, 3, 8, 8\).*\(1, 3, 16, 16\)"):
+        ssim(torch.rand(1, 3, 16, 16), torch.rand(1, 3, 8, 8))
+
+
+# ------------------------------------------------------------ artifacts
+
+def test_grid_score_high_for_periodic_pattern_low_for_photo(small_photo):
+    pattern = grid_pattern(128)
+    s = grid_artifact_score(torch.cat([small_photo, (small_photo + 8 / 255 * pattern).clamp(0, 1),
+                                       (small_photo + 16 / 255 * pattern).clamp(0, 1)]))
+    assert s[0] < 0.005
+    assert s[1] > 5 * s[0] and s[2] > s[1] > 0.02
+
+
+def test_grid_score_known_answers():
+    pure = 0.5 + 0.25 * grid_pattern(64)  # exactly 8-periodic
+    noise = torch.rand(1, 3, 64, 64, generator=torch.Generator().manual_seed(1))
+    flat = torch.full((1, 3, 64, 64), 0.3)
+    s = grid_artifact_score(torch.cat([pure, noise, flat]))
+    assert s[0] == pytest.approx(1.0, abs=1e-6)
+    assert s[1] < 0.02
+    assert s[2] == 0
+
+
+def test_grid_score_crops_to_patch_multiple():
+    x = torch.rand(2, 3, 37, 45)
+    assert torch.allclose(grid_artifact_score(x), grid_artifact_score(x[..., :32, :40]))
+    with pytest.raises(ValueError, match="patch"):
+        grid_artifact_score(torch.rand(1, 3, 8, 8))  # a single patch has no grid
+
+
+def test_high_frequency_ratio_known_answers(small_photo):
+    coeffs = torch.zeros(1, 3, 4, 4, 8, 8)
+    coeffs[..., 7, 7] = 0.05
+    high = 0.5 + patch_idct(coeffs)
+    coeffs = torch.zeros_like(coeffs)
+    coeffs[..., 0, 1] = 0.05
+    low = 0.5 + patch_idct(coeffs)
+    r = high_frequency_ratio(torch.cat([high, low]))
+    assert r.tolist() == pytest.approx([1.0, 0.0], abs=1e-6)
+    noisy = (small_photo + 0.1 * torch.randn(small_photo.shape, generator=torch.Generator().manual_seed(0))).clamp(0, 1)
+    assert high_frequency_ratio(noisy) > high_frequency_ratio(small_photo) + 0.1
+
+
+# ------------------------------------------------------------ BRISQUE
+
+@needs_brisque
+def test_brisque_matches_the_matlab_reference_on_cameraman():
+    from antipure_core.metrics.quality import brisque
+
+    # the authors' MATLAB pipeline + LIVE model gives -13.7084 on cameraman
+    assert brisque(photo("camera")).item() == pytest.approx(-13.7084, abs=2e-3)
+
+
+@needs_brisque
+def test_brisque_noise_scores_worse_and_batches_are_independent(astronaut_face):
+    from antipure_core.metrics.quality import brisque
+
+    noisy = (astronaut_face + 0.2 * torch.randn(astronaut_face.shape, generator=torch.Generator().manual_seed(0))).clamp(0, 1)
+    s = brisque(torch.cat([astronaut_face, noisy]))
+    assert s.shape == (2,)
+    assert s[1] > s[0] + 30
+    assert brisque(noisy).item() == pytest.approx(s[1].item(), abs=1e-4)
+    with pytest.raises(ValueError, match="16x16"):
+        brisque(torch.rand(1, 3, 8, 8))
+
+
+def test_svr_parser_and_prediction_known_answer():
+    from antipure_core.metrics.quality import SVRModel, parse_libsvm_model
+
+    text = "svm_type epsilon_svr\nkernel_type rbf\ngamma 0.5\nrho 1\nSV\n2 1:0 2:1\n-1 2:-1\n"
+    header, sv, coef = parse_libsvm_model(text)
+    assert header["gamma"] == "0.5" and sv.tolist() == [[0, 1], [0, -1]] and coef.tolist() == [2, -1]
+    m = SVRModel(sv, coef, 1.0, 0.5, torch.tensor([-1.0, -1.0]), torch.tensor([1.0, 1.0]))  # identity scaling
+    x = torch.tensor([[0.0, 1.0]])
+    assert m.predict(x).item() == pytest.approx(2 - math.exp(-0.5 * 4) - 1)
+
+
+def test_brisque_missing_model_and_unsafe_pickle(tmp_path):
+    from antipure_core.metrics.quality import load_brisque_model
+
+    with pytest.raises(ModelNotAvailable, match="pip install brisque"):
+        load_brisque_model(str(tmp_path))
+    (tmp_path / "svm.txt").write_text("svm_type epsilon_svr\nkernel_type rbf\ngamma 0.05\nrho 0\nSV\n"
+                                      + "1 " + " ".join(f"{i}:0" for i in range(1, 37)) + "\n")
+    (tmp_path / "normalize.pickle").write_bytes(pickle.dumps({"min_": [0.0] * 36, "max_": print}))
+    with pytest.raises(pickle.UnpicklingError, match="refusing"):
+        load_brisque_model(str(tmp_path))
+
+
+# ------------------------------------------------------------ faces
+
+@pytest.mark.parametrize("backend", ["dlib", "skimage"])
+def test_face_found_in_astronaut_not_in_gray(backend, astronaut_face):
+    from antipure_core.metrics.faces import available_face_backends, detect_faces, face_detection_failure_rate
+
+    if backend not in available_face_backends():
+        pytest.skip(f"{backend} not installed (requirements-metrics.txt)")
+    gray = torch.full_like(astronaut_face, 0.5)
+    boxes = detect_faces(torch.cat([astronaut_face, gray]), backend)
+    assert len(boxes[0]) >= 1 and boxes[1] == []
+    top = boxes[0][0]
+    assert 40 < top.top + (top.bottom - top.top) / 2 < 160  # the face centre is near (120, 90)
+    assert face_detection_failure_rate(torch.cat([astronaut_face, gray, gray]), backend) == pytest.approx(2 / 3)
+
+
+def test_unknown_face_backend():
+    from antipure_core.metrics.faces import detect_faces
+
+    with pytest.raises(ValueError, match="backend"):
+        detect_faces(torch.rand(1, 3, 32, 32), backend="mtcnn")
+
+
+@needs_dlib
+def test_identity_same_face_beats_another_face(astronaut_face):
+    from antipure_core.metrics.faces import identity_similarity
+
+    other = photo("camera")[..., 60:316, 100:356]  # the cameraman's face
+    moved = astronaut_face.flip(-1).roll((5, 3), (-2, -1))
+    gray = torch.full_like(astronaut_face, 0.5)
+    sim = identity_similarity(torch.cat([moved, other, gray]), astronaut_face, backend="dlib")
+    assert sim[0] > 0.95 and sim[0] > sim[1] + 0.1
+    assert sim[2].isnan()  # no face
+    with pytest.raises(ValueError, match="no face"):
+        identity_similarity(astronaut_face, gray, backend="dlib")
+
+
+# ------------------------------------------------------------ optional backends
+
+def test_lpips_not_available_says_where(tmp_path, monkeypatch):
+    from antipure_core.metrics.optional import lpips_alex
+
+    monkeypatch.setattr(torch.hub, "get_dir", lambda: str(tmp_path / "hub"))
+    with pytest.raises(ModelNotAvailable, match=str(tmp_path / "w" / "alexnet")):
+        lpips_alex(torch.rand(1, 3, 32, 32), torch.rand(1, 3, 32, 32), tmp_path / "w")
+
+
+def test_lpips_loads_user_weights(tmp_path):
+    from safetensors.torch import save_file
+
+    from antipure_core.metrics.optional import lpips_alex
+
+    g = torch.Generator().manual_seed(0)
+    shapes = {0: (64, 3, 11, 11), 3: (192, 64, 5, 5), 6: (384, 192, 3, 3), 8: (256, 384, 3, 3), 10: (256, 256, 3, 3)}
+    backbone = {}
+    for i, s in shapes.items():
+        backbone[f"features.{i}.weight"] = torch.randn(s, generator=g) / math.sqrt(s[1] * s[2] * s[3])
+        backbone[f"features.{i}.bias"] = torch.zeros(s[0])
+    save_file(backbone, str(tmp_path / "alexnet.safetensors"))
+    lin = {f"lin{k}.model.1.weight": torch.rand(1, c, 1, 1, generator=g) for k, c in enumerate((64, 192, 384, 256, 256))}
+    torch.save(lin, tmp_path / "lpips_alex_v0.1.pth")
+    x = torch.rand(2, 3, 64, 64, generator=g)
+    small = (x + 0.02 * torch.randn(x.shape, generator=g)).clamp(0, 1)
+    large = (x + 0.2 * torch.randn(x.shape, generator=g)).clamp(0, 1)
+    assert lpips_alex(x, x, tmp_path).abs().max() < 1e-6
+    d_small, d_large = lpips_alex(x, small, tmp_path), lpips_alex(x, large, tmp_path)
+    assert d_small.shape == (2,) and (d_large > d_small).all() and (d_small > 0).all()
+
+
+def test_arcface_onnx_path(tmp_path, astronaut_face):
+    pytest.importorskip("onnxruntime", reason="ArcFace runs in onnxruntime")
+    pytest.importorskip("onnx", reason="building the test ONNX model needs onnx")
+    from antipure_core.metrics.faces import available_face_backends
+    from antipure_core.metrics.optional import arcface_embeddings, arcface_similarity
+
+    with pytest.raises(ModelNotAvailable, match="arcface.onnx"):
+        arcface_embeddings(astronaut_face, tmp_path)
+    if not available_face_backends():
+        pytest.skip("no face detector installed")
+    torch.manual_seed(0)
+    net = torch.nn.Sequential(torch.nn.Conv2d(3, 4, 8, 8), torch.nn.Flatten(), torch.nn.Linear(4 * 14 * 14, 16)).eval()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        torch.onnx.export(net, torch.rand(1, 3, 112, 112), str(tmp_path / "arcface.onnx"), dynamo=False,
+                          input_names=["input"], dynamic_axes={"input": {0: "n"}})
+    gray = torch.full_like(astronaut_face, 0.5)
+    emb = arcface_embeddings(torch.cat([astronaut_face, gray]), tmp_path)
+    assert emb.shape == (2, 16) and not emb[0].isnan().any() and emb[1].isnan().all()
+    assert arcface_similarity(astronaut_face, astronaut_face, tmp_path).item() == pytest.approx(1.0, abs=1e-5)
+
+
+def test_clip_iqa_and_liqe_report_missing(tmp_path):
+    from antipure_core.metrics.optional import clip_iqa, liqe
+
+    with pytest.raises(ModelNotAvailable):
+        clip_iqa(torch.rand(1, 3, 32, 32), tmp_path)
+    with pytest.raises(ModelNotAvailable, match="LIQE"):
+        liqe(torch.rand(1, 3, 32, 32), tmp_path)
+
+
+def test_clip_iqa_loads_a_local_clip_folder(tmp_path):
+    transformers = pytest.importorskip("transformers", reason="CLIP-IQA runs on transformers' CLIP")
+    import string
+
+    from antipure_core.metrics.optional import clip_iqa
+
+    folder = tmp_path / "clip"
+    folder.mkdir()
+    chars = string.ascii_lowercase + "."
+    vocab = {c: i for i, c in enumerate(list(chars) + [c + "</w>" for c in chars] + ["<|startoftext|>", "<|endoftext|>"])}
+    (folder / "vocab.json").write_text(json.dumps(vocab))
+    (folder / "merges.txt").write_text("#version: 0.2\n")
+    transformers.CLIPTokenizer(str(folder / "vocab.json"), str(folder / "merges.txt")).save_pretrained(folder)
+    eos = vocab["<|endoftext|>"]
+    cfg = transformers.CLIPConfig(
+        text_config=dict(vocab_size=len(vocab), hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+                         num_attention_heads=2, max_position_embeddings=32, bos_token_id=vocab["<|startoftext|>"],
+                         eos_token_id=eos, pad_token_id=eos),
+        vision_config=dict(hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2,
+                           image_size=32, patch_size=8), projection_dim=16)
+    torch.manual_seed(0)
+    transformers.CLIPModel(cfg).save_pretrained(folder)
+    q = clip_iqa(torch.rand(2, 3, 48, 40), tmp_path)
+    assert q.shape == (2,) and ((q >= 0) & (q <= 1)).all()
+
+
+# ------------------------------------------------------------ report
+
+def test_markdown_table_union_of_columns_and_escaping():
+    md = markdown_table({"a": {"psnr": float("inf"), "note": "x|y"}, "b": {"ssim": 0.123456}})
+    lines = md.splitlines()
+    assert lines[0] == "| label | psnr | note | ssim |"
+    assert lines[2] == "| a | inf | x\\|y |  |" and lines[3] == "| b |  |  | 0.1235 |"
+    assert markdown_table([]) == ""
+
+
+def test_append_results_groups_by_label(tmp_path):
+    pj, pc = tmp_path / "r.json", tmp_path / "r.csv"
+    append_results(pj, pc, "antipure", {"psnr": 35.0})
+    append_results(pj, pc, "advdm", {"psnr": float("inf")})
+    tables = append_results(pj, pc, "antipure", {"psnr": 36.0, "brisque": 40.0})
+    assert json.loads(pj.read_text()) == tables
+    assert tables == {"antipure": [{"psnr": 35.0}, {"psnr": 36.0, "brisque": 40.0}], "advdm": [{"psnr": "inf"}]}
+    with open(pc, newline="") as f:
+        rows = list(csv.DictReader(f))
+    assert [r["label"] for r in rows] == ["antipure", "advdm", "antipure"]
+    assert rows[1]["psnr"] == "inf" and rows[0]["brisque"] == "" and rows[2]["brisque"] == "40.0"
+    assert "### antipure" in tables_markdown(tables)
+    with pytest.raises(ValueError, match="label"):
+        append_results(pj, pc, " ", {})
+    (tmp_path / "bad.json").write_text("[1, 2]")
+    with pytest.raises(ValueError, match="path_json"):
+        append_results(tmp_path / "bad.json", None, "x", {})
+
+
+# ------------------------------------------------------------ evaluate
+
+def test_evaluate_smoke_with_every_group(small_photo):
+    clean = torch.round(small_photo[..., :64, :64] * 255) / 255
+    protected = (clean + 8 / 255 * grid_pattern(64)).clamp(0, 1)
+    purified = torch.nn.functional.avg_pool2d(protected, 2)  # half size: resized for psnr/ssim
+    generated = torch.rand(3, 1, 48, 40)  # other batch, size and channels
+    r = evaluate(clean, protected, purified, generated, face_backend="auto")
+    assert r["protected/linf_255"] == 8.0
+    assert 20 < r["protected/psnr"] < 40
+    assert r["protected/grid_score"] > r["clean/grid_score"]
+    assert "resized" in r["notes"]
+    for key in ("protected/lpips", "generated/clip_iqa", "generated/liqe", "generated/arcface_similarity"):
+        assert isinstance(r[key], str) and r[key].startswith(("not available", "n/a")), key
+    for key in ("generated/face_detection_failure_rate", "generated/identity_similarity", "generated/brisque"):
+        assert key in r
+    assert all(isinstance(v, (float, str)) for v in r.values())
+    assert "generated/face_detection_failure_rate" not in evaluate(clean, generated=generated, faces=False)
+
+
+def test_evaluate_identical_protection_and_bad_shapes(small_photo):
+    r = evaluate(small_photo, small_photo)
+    assert math.isinf(r["protected/psnr"]) and r["protected/linf"] == 0.0
+    with pytest.raises(ValueError, match=r"protected.*\(1, 3, 64, 64\).*clean.*\(1, 3, 128, 128\)"):
+        evaluate(small_photo, small_photo[..., :64, :64])
+    with pytest.raises(ValueError, match="purified: batch"):
+        evaluate(small_photo, purified=small_photo.repeat(2, 1, 1, 1))
+    with pytest.raises(ValueError, match="clean: the batch is empty"):
+        evaluate(small_photo[:0])
