@@ -39,6 +39,11 @@ def sample_timesteps(n: int, t_lo: int, t_hi: int, generator: torch.Generator | 
     return torch.randint(t_lo, t_hi + 1, (n,), generator=generator)
 
 
+def timestep_from_fraction(num_timesteps: int, fraction: float) -> int:
+    """Integer timestep for a fraction of the schedule (0.1 -> 100 of 1000), kept in ``[1, T - 1]``."""
+    return max(1, min(num_timesteps - 1, round(fraction * num_timesteps)))
+
+
 def randn_like(x: Tensor, generator: torch.Generator | None = None) -> Tensor:
     """Standard normal noise shaped like ``x``, drawn on the CPU so seeds agree across devices."""
     return torch.randn(x.shape, generator=generator, dtype=torch.float32).to(device=x.device, dtype=x.dtype)

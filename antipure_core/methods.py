@@ -14,7 +14,7 @@ from typing import Any, Callable, Optional
 import torch
 from torch import Tensor
 
-from .diffusion import predict_x0, q_sample, randn_like, sample_timesteps
+from .diffusion import predict_x0, q_sample, randn_like, sample_timesteps, timestep_from_fraction
 from .frequency import FrequencyGuidance, pfg_loss
 from .patterns import target_pattern
 from .timestep import TimestepGuidance, erroneous_timestep, etg_loss
@@ -118,7 +118,7 @@ def antipure_loss(ctx: AttackContext, x_adv: Tensor, z: Tensor) -> dict:
     pfg = ctx.frequency
     if pfg is not None:
         # simulated purification: noise to t_p ~ U(0, t*], one-step denoise
-        t_p_hi = max(1, min(T - 1, round(pfg.t_star * T)))
+        t_p_hi = timestep_from_fraction(T, pfg.t_star)
         t_p, noise_p, z_tp = _noisy(ctx, z, 1, t_p_hi)
         z0_hat = predict_x0(model, z_tp, t_p, model.predict_noise(z_tp, t_p, ctx.cond))
         if pfg.space == "pixel":

@@ -22,7 +22,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from .callbacks import Callback, report
-from .diffusion import ddim_step, q_sample, randn_like
+from .diffusion import ddim_step, q_sample, randn_like, timestep_from_fraction
 from .image import check_image, crop_to, pad_to_multiple
 from .model import check_model
 from .purify_filters import (check_int, check_number, gaussian_blur, gaussian_noise, jpeg, noisy_upscale,
@@ -41,8 +41,7 @@ DenoiseFn = Callable[[Tensor, Tensor, Callback], Tensor]
 def purification_timestep(model, t_star: float) -> int:
     """Integer timestep for ``t_star``, a fraction of the schedule (0.1 -> 100 of 1000), in [1, T - 1]."""
     check_number(t_star, "t_star", lo=0, hi=1, lo_open=True, hint="(fraction of the schedule, e.g. 0.1-0.3)")
-    T = model.num_timesteps
-    return max(1, min(T - 1, round(t_star * T)))
+    return timestep_from_fraction(model.num_timesteps, t_star)
 
 
 def noise_latent(model, z0: Tensor, t_star: float, generator: Optional[torch.Generator] = None) -> tuple[Tensor, Tensor]:
