@@ -50,7 +50,7 @@ Value = float | str
 
 __all__ = [
     "ModelNotAvailable", "append_results", "arcface_similarity", "brisque", "clip_iqa", "evaluate",
-    "face_detection_failure_rate", "grid_artifact_score", "high_frequency_ratio", "liqe", "lpips_alex",
+    "face_detection_failure_rate", "grid_artifact_score", "high_frequency_ratio", "is_number", "liqe", "lpips_alex",
     "markdown_table", "perturbation_norms", "psnr", "ssim", "tables_markdown",
 ]
 

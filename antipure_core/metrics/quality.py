@@ -50,7 +50,7 @@ class SVRModel:
 
     def predict(self, features: Tensor) -> Tensor:
         """``(B, D)`` raw features -> ``(B,)`` predictions."""
-        x = -1 + 2 * (features.double() - self.feature_min) / (self.feature_max - self.feature_min)
+        x = -1 + 2 * (features.double().cpu() - self.feature_min) / (self.feature_max - self.feature_min)
         k = torch.exp(-self.gamma * torch.cdist(x, self.support_vectors).square())
         return k @ self.coef - self.rho
 

@@ -19,14 +19,13 @@ from antipure_core.metrics.common import ModelNotAvailable, package_dir, to_rgb
 from antipure_core.metrics.perceptibility import perturbation_norms, psnr, ssim
 from antipure_core.metrics.report import append_results
 
-skdata = pytest.importorskip("skimage.data", reason="scikit-image provides the test photos")
-
 needs_brisque = pytest.mark.skipif(package_dir("brisque") is None, reason="pip install -r requirements-metrics.txt")
 needs_dlib = pytest.mark.skipif(package_dir("dlib") is None or package_dir("face_recognition_models") is None,
                                 reason="pip install -r requirements-metrics.txt (dlib-bin, face-recognition-models)")
 
 
 def photo(name: str) -> torch.Tensor:
+    skdata = pytest.importorskip("skimage.data", reason="scikit-image provides the test photos")
     a = torch.from_numpy(getattr(skdata, name)().copy()).float() / 255
     if a.ndim == 2:
         a = a[..., None].expand(-1, -1, 3)
@@ -374,3 +373,11 @@ def test_evaluate_identical_protection_and_bad_shapes(small_photo):
         evaluate(small_photo, purified=small_photo.repeat(2, 1, 1, 1))
     with pytest.raises(ValueError, match="clean: the batch is empty"):
         evaluate(small_photo[:0])
+
+
+def test_evaluate_values_are_numbers_or_reasons():
+    g = torch.Generator().manual_seed(0)
+    clean = torch.rand(2, 3, 32, 32, generator=g)
+    r = evaluate(clean, clean.flip(-1), clean, torch.rand(1, 3, 40, 24, generator=g))
+    for key, v in r.items():
+        assert isinstance(v, float) or v.startswith(("not available: ", "n/a: ")), (key, v)
