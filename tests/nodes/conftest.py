@@ -1,0 +1,157 @@
+"""Host test harness: boot ComfyUI once, tiny checkpoints, graph runner, progress recording.
+
+Without a host every test file here reports one skipped test saying why
+(``COMFYUI_PATH`` unset, torch or ComfyUI not importable). Test modules may
+import host modules at top level: they are only imported when the host booted.
+
+Fixtures (session-scoped unless noted):
+
+* ``host``: :class:`tests.nodes.host.Host` (``host.pack`` is the pack as the
+  host loaded it; ``host.pack_import("nodes.bridge")`` imports a pack module).
+* ``models_dir``: the temporary folder registered as the host's checkpoints
+  folder; ``tiny_checkpoint(family)`` builds ``tiny_<family>.safetensors``
+  there on first use and returns the name ``CheckpointLoaderSimple`` takes
+  (families: ``sd15``, ``sd20v``, ``sdxl``); ``tiny_model(family)`` returns
+  ``(MODEL, CLIP, VAE)`` loaded once by ``CheckpointLoaderSimple`` under
+  ``torch.inference_mode()`` as the executor runs nodes; ``encode_text(clip,
+  text)`` returns a CONDITIONING.
+* ``output_dir``: the host's output folder, a temporary folder.
+* ``graph``: a :class:`tests.nodes.graph.GraphRunner` (function scope, fresh
+  cache each test); ``GraphBuilder`` comes from ``tests.nodes.graph``.
+* ``progress`` (function scope): list receiving ``(node_id, value, total)`` for
+  every host progress update while the test runs outside a graph.
+"""
+from __future__ import annotations
+
+import shutil
+import tempfile
+from pathlib import Path
+
+import pytest
+
+from tests.nodes.host import PACK_DIR, boot, find_comfyui
+
+_ROOT, _REASON = find_comfyui()
+HOST = None
+if _ROOT is not None:
+    try:
+        HOST = boot(_ROOT)
+    except RuntimeError as e:
+        _REASON = f"ComfyUI at {_ROOT} cannot be used: {e}"
+
+
+class _NoHostItem(pytest.Item):
+    def runtest(self):
+        pytest.skip(_REASON)
+
+    def reportinfo(self):
+        return self.path, None, f"{self.name}: {_REASON}"
+
+
+class _NoHostFile(pytest.File):
+    def collect(self):
+        yield _NoHostItem.from_parent(self, name=self.path.stem)
+
+
+def pytest_pycollect_makemodule(module_path, parent):
+    # without a host, do not import the test module (it may import the host at top level)
+    if HOST is None:
+        return _NoHostFile.from_parent(parent, path=module_path)
+    return None
+
+
+@pytest.fixture(scope="session")
+def host():
+    return HOST
+
+
+def _fast_tmp(tmp_path_factory, name: str, need_bytes: int) -> Path:
+    """A temporary folder in RAM (/dev/shm) when it has room, else under pytest's tmp dir."""
+    shm = Path("/dev/shm")
+    if shm.is_dir() and shutil.disk_usage(shm).free > 2 * need_bytes:
+        return Path(tempfile.mkdtemp(prefix=f"antipure-{name}-", dir=shm))
+    return tmp_path_factory.mktemp(name)
+
+
+@pytest.fixture(scope="session")
+def models_dir(host, tmp_path_factory):
+    import folder_paths
+
+    folder = _fast_tmp(tmp_path_factory, "models", 1_300_000_000)
+    folder_paths.add_model_folder_path("checkpoints", str(folder), is_default=True)
+    yield folder
+    if str(folder).startswith("/dev/shm/"):
+        shutil.rmtree(folder, ignore_errors=True)
+
+
+@pytest.fixture(scope="session")
+def tiny_checkpoint(models_dir):
+    from tests.nodes import tiny_checkpoints
+
+    tiny_checkpoints.register()
+
+    def get(family: str) -> str:
+        path = models_dir / f"tiny_{family}.safetensors"
+        if not path.exists():
+            tiny_checkpoints.build(models_dir, [family])
+        return path.name
+    return get
+
+
+@pytest.fixture(scope="session")
+def tiny_model(tiny_checkpoint):
+    import torch
+    import nodes
+
+    cache = {}
+
+    def get(family: str):
+        if family not in cache:
+            with torch.inference_mode():
+                cache[family] = nodes.CheckpointLoaderSimple().load_checkpoint(tiny_checkpoint(family))[:3]
+        return cache[family]
+    return get
+
+
+@pytest.fixture(scope="session")
+def encode_text(host):
+    import torch
+    import nodes
+
+    def encode(clip, text: str = "a photo of sks person"):
+        with torch.inference_mode():
+            return nodes.CLIPTextEncode().encode(clip, text)[0]
+    return encode
+
+
+@pytest.fixture(scope="session")
+def output_dir(host, tmp_path_factory):
+    import folder_paths
+
+    folder = tmp_path_factory.mktemp("output")
+    folder_paths.set_output_directory(str(folder))
+    return folder
+
+
+@pytest.fixture
+def graph(host, models_dir, output_dir):
+    from tests.nodes.graph import GraphRunner
+
+    return GraphRunner()
+
+
+@pytest.fixture
+def progress(host):
+    import comfy.utils
+
+    seen = []
+    previous = comfy.utils.PROGRESS_BAR_HOOK
+
+    def hook(value, total, preview, prompt_id=None, node_id=None):
+        seen.append((node_id, value, total))
+    comfy.utils.set_progress_bar_global_hook(hook)
+    yield seen
+    comfy.utils.set_progress_bar_global_hook(previous)
+
+
+__all__ = ["HOST", "PACK_DIR"]
