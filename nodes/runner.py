@@ -38,7 +38,7 @@ from .workflow_format import WIDGET_TYPES, WorkflowError, load_prompt
 __all__ = [
     "EXIT_OK", "EXIT_FAILED", "EXIT_NO_HOST", "EXIT_BAD_WORKFLOW", "EXIT_NO_MODEL", "EXIT_NO_IMAGES",
     "RunnerError", "ImageResult", "find_comfyui", "boot_host", "load_pack", "add_models_dir",
-    "apply_sets", "find_image_inputs", "missing_models", "validate", "list_images", "BatchRunner",
+    "headless_server", "apply_sets", "find_image_inputs", "missing_models", "validate", "list_images", "BatchRunner", "run_batch",
     "write_results_csv", "main",
 ]
 
@@ -103,10 +103,17 @@ async def boot_host(comfy_root: Path, cpu: bool | None = None, verbose: bool = F
             raise RunnerError(EXIT_NO_HOST, f"ComfyUI already booted from {_BOOTED}, not {comfy_root}")
         return
     root = str(comfy_root)
+    loaded = sys.modules.get("nodes")
+    if loaded is not None and hasattr(loaded, "NODE_CLASS_MAPPINGS"):
+        if Path(loaded.__file__).resolve().parent != comfy_root:
+            raise RunnerError(EXIT_NO_HOST, f"ComfyUI already imported from {Path(loaded.__file__).parent}, "
+                                            f"not {comfy_root}")
+        if any(name.startswith("nodes_") for name in getattr(loaded, "LOADED_MODULE_DIRS", {})):
+            _BOOTED = comfy_root  # booted by the embedding process (e.g. a test session)
+            return
     if root in sys.path:
         sys.path.remove(root)
     sys.path.insert(0, root)  # the host's nodes.py must win over this pack's nodes/ package
-    loaded = sys.modules.get("nodes")
     if loaded is not None and not hasattr(loaded, "NODE_CLASS_MAPPINGS"):
         raise RunnerError(EXIT_NO_HOST, f"'nodes' is already imported from {getattr(loaded, '__file__', loaded)}, "
                                         "not the host's nodes.py; put the ComfyUI folder first on sys.path")
@@ -133,9 +140,11 @@ async def boot_host(comfy_root: Path, cpu: bool | None = None, verbose: bool = F
 
 
 async def load_pack(pack_dir: Path = PACK_ROOT) -> bool:
-    """Load a custom node pack exactly as the host does (``nodes.load_custom_node``)."""
+    """Load a custom node pack exactly as the host does (``nodes.load_custom_node``), once."""
     import nodes
 
+    if str(pack_dir) in getattr(nodes, "LOADED_MODULE_DIRS", {}).values():
+        return True
     return bool(await nodes.load_custom_node(str(pack_dir)))
 
 
@@ -246,21 +255,28 @@ def missing_models(prompt: Mapping[str, dict], node_classes: Mapping[str, Any]) 
                 continue
             if os.path.splitext(value)[1].lower() not in folder_paths.supported_pt_extensions:
                 continue
-            kinds = [k for k in model_kinds if set(folder_paths.get_filename_list(k)) == set(choices)] or ["?"]
-            kind = kinds[0]
-            where = ", ".join(folder_paths.get_folder_paths(kind)) if kind != "?" else "the models folders"
+            kinds = [k for k in model_kinds if set(folder_paths.get_filename_list(k)) == set(choices)]
+            if len(kinds) > 1:  # several empty folders look alike: pick by the input's name
+                stem = name.removesuffix("_name").replace("ckpt", "checkpoint")
+                kinds = [k for k in kinds if k.rstrip("s") in stem or stem in k] or kinds
+            where = (f" (looked in {', '.join(folder_paths.get_folder_paths(kinds[0]))})"
+                     if len(kinds) == 1 else "")
             have = ", ".join(map(str, choices)) or "nothing"
-            problems.append(f"node {node_id} ({_title(prompt, node_id)}): {name} '{value}' is not in {kind} "
-                            f"({where}); available: {have}. Put the file there or pass --models DIR.")
+            problems.append(f"node {node_id} ({_title(prompt, node_id)}): {name} '{value}' not found{where}; "
+                            f"available: {have}. Put the file there or pass --models DIR.")
     return problems
 
 
 async def validate(prompt: dict) -> tuple[list[str], list[str]]:
-    """The host's ``execution.validate_prompt``: (readable errors, empty when valid; output node ids)."""
+    """The host's ``execution.validate_prompt``: (readable errors, empty when valid; output node ids).
+
+    Stricter than the server, which runs the valid outputs and drops the others: any node error
+    counts, so a batch never silently skips a branch of the workflow.
+    """
     import execution
 
     valid, error, outputs, node_errors = await execution.validate_prompt(str(uuid.uuid4()), prompt, None)
-    if valid:
+    if valid and not node_errors:
         return [], list(outputs)
     problems = []
     for node_id, info in (node_errors or {}).items():
@@ -292,20 +308,40 @@ def list_images(path: str | os.PathLike) -> list[Path]:
 # --- execution ------------------------------------------------------------------------------
 
 class _HeadlessServer:
-    """The few attributes of ComfyUI's PromptServer that the executor uses; events go to a callback."""
+    """The parts of ComfyUI's PromptServer that the executor and nodes use; events go to ``on_event``."""
 
-    def __init__(self, on_event):
+    def __init__(self):
+        from aiohttp import web
+
         self.client_id = None
         self.last_node_id = None
         self.last_prompt_id = None
         self.sockets_metadata: dict = {}
-        self.on_event = on_event
+        self.routes = web.RouteTableDef()  # packs that add routes at import time still load
+        self.on_event = None
 
     def send_sync(self, event, data, sid=None):
-        self.on_event(event, data)
+        if self.on_event is not None:
+            self.on_event(event, data)
+
+    def send_progress_text(self, text, node_id, sid=None):
+        self.send_sync("progress_text", {"node_id": node_id, "text": text}, sid)
 
     def queue_updated(self):
         pass
+
+
+def headless_server() -> _HeadlessServer:
+    """The process's ``server.PromptServer.instance``, installing a headless stand-in when none runs
+    (some built-in nodes report text through it, e.g. GetImageSize)."""
+    import server
+
+    instance = getattr(server.PromptServer, "instance", None)
+    if not isinstance(instance, _HeadlessServer):
+        if instance is not None:
+            return _HeadlessServer()  # a real server runs: leave it alone, use a private stand-in
+        server.PromptServer.instance = instance = _HeadlessServer()
+    return instance
 
 
 @dataclass
@@ -336,18 +372,18 @@ class BatchRunner:
     Args:
         prompt: API prompt (after :func:`apply_sets`); not modified.
         image_input: (node id, input name) that receives each image's file name.
-        progress: show tqdm bars (images, and the running node's own steps).
     """
 
-    def __init__(self, prompt: dict, image_input: tuple[str, str] | None, progress: bool = True):
+    def __init__(self, prompt: dict, image_input: tuple[str, str] | None):
         import comfy.utils
         import execution
 
-        self.prompt, self.image_input, self.progress = prompt, image_input, progress
-        self.server = _HeadlessServer(self._on_event)
+        self.prompt, self.image_input = prompt, image_input
+        self.server = headless_server()
+        self.server.on_event = self._on_event
         self.executor = execution.PromptExecutor(self.server, cache_type=False)
         self.errors: list[dict] = []
-        self.node_bar = None
+        self.node_bar = None  # a tqdm bar for the running node's own steps
         comfy.utils.set_progress_bar_global_hook(self._on_progress)
 
     def _on_event(self, event: str, data: Any) -> None:
@@ -414,7 +450,10 @@ class BatchRunner:
             types = list(getattr(cls, "RETURN_TYPES", ()) or ())
             names = list(getattr(cls, "RETURN_NAMES", None) or types)
             data = self.executor.caches.outputs.get(node_id)
+            data = getattr(data, "outputs", data)  # newer hosts wrap outputs in a cache entry
             label = _title(prompt, node_id)
+            if sum(_title(prompt, other) == label for other in prompt) > 1:
+                label = f"{label} #{node_id}"
             for i, type_ in enumerate(types):
                 if type_ == "STRING" and data is not None and i < len(data):
                     values = [v for v in data[i] if isinstance(v, str)]
@@ -422,7 +461,7 @@ class BatchRunner:
                         strings[f"{label}.{names[i]}"] = "\n".join(values)
             ui = self.executor.caches.ui.get(node_id)
             texts = ((ui or {}).get("output") or {}).get("text")
-            if isinstance(texts, list) and all(isinstance(t, str) for t in texts) and texts:
+            if isinstance(texts, (list, tuple)) and texts and all(isinstance(t, str) for t in texts):
                 strings.setdefault(f"{label}.text", "\n".join(texts))
         return strings
 
@@ -477,6 +516,7 @@ async def _run(ns: argparse.Namespace) -> int:
     if ns.models and not Path(ns.models).is_dir():
         raise RunnerError(EXIT_NO_MODEL, f"--models: {ns.models} is not a folder")
     await boot_host(comfy_root, cpu=True if ns.cpu else None, verbose=ns.verbose)
+    headless_server()
     if not await load_pack(PACK_ROOT):
         print(f"warning: the pack at {PACK_ROOT} did not load (see the log above); "
               "only the host's own nodes are available", file=sys.stderr)
@@ -509,44 +549,66 @@ async def _run(ns: argparse.Namespace) -> int:
     if problems:
         raise RunnerError(EXIT_NO_MODEL, "model not found:\n  - " + "\n  - ".join(problems))
 
+    results = await run_batch(prompt, image_inputs[0], images, Path(ns.out), progress=not ns.no_progress)
+    failed = [r for r in results if r.status != "ok"]
+    print(f"{len(results) - len(failed)}/{len(results)} images done; results in {Path(ns.out) / 'results.csv'}")
+    return EXIT_FAILED if failed else EXIT_OK
+
+
+async def run_batch(prompt: dict, image_input: tuple[str, str], images: Sequence[Path], out: Path,
+                    progress: bool = True) -> list[ImageResult]:
+    """Run ``prompt`` once per image (booted host, validated prompt); writes ``out/results.csv``.
+
+    The host's input/output/temp folders and progress hook are restored afterwards.
+
+    Raises:
+        RunnerError: (exit 3) the prompt does not validate with the first image.
+    """
+    import comfy.utils
     import folder_paths
     from tqdm.auto import tqdm
 
-    out = Path(ns.out).resolve()
+    out = Path(out).resolve()
     out.mkdir(parents=True, exist_ok=True)
+    saved = (folder_paths.get_input_directory(), folder_paths.get_output_directory(),
+             folder_paths.get_temp_directory(), comfy.utils.PROGRESS_BAR_HOOK)
     results: list[ImageResult] = []
+    disable = None if progress else True  # None: tqdm shows bars on a terminal only
     with tempfile.TemporaryDirectory(prefix="antipure-run-") as tmp:
         input_dir, temp_dir = Path(tmp, "input"), Path(tmp, "temp")
         input_dir.mkdir()
         temp_dir.mkdir()
         folder_paths.set_input_directory(str(input_dir))
         folder_paths.set_temp_directory(str(temp_dir))
-        # validate once up front with the first image so a broken workflow fails fast
-        first = json.loads(json.dumps(prompt))
-        shutil.copy2(images[0], input_dir / images[0].name)
-        first[image_inputs[0][0]]["inputs"][image_inputs[0][1]] = images[0].name
-        problems, _ = await validate(first)
-        if problems:
-            raise RunnerError(EXIT_BAD_WORKFLOW, f"invalid workflow {workflow}:\n  - " + "\n  - ".join(problems))
-        runner = BatchRunner(prompt, image_inputs[0], progress=not ns.no_progress)
-        disable = True if ns.no_progress else None  # None: tqdm shows bars on a terminal only
-        bar = tqdm(images, desc="images", unit="img", disable=disable, position=0)
-        runner.node_bar = tqdm(total=1, desc="node", position=1, leave=False, disable=disable)
         try:
-            for image in bar:
-                res = await runner.run_image(image, out, input_dir)
-                results.append(res)
-                write_results_csv(out / "results.csv", results)
-                if res.status != "ok":
-                    tqdm.write(f"{image.name}: {res.status}: {res.error}", file=sys.stderr)
-                bar.set_postfix_str(f"{image.name}: {res.status}")
-        finally:
-            if runner.node_bar is not None:
+            # validate once up front with the first image so a broken workflow fails fast
+            first = json.loads(json.dumps(prompt))
+            shutil.copy2(images[0], input_dir / images[0].name)
+            first[image_input[0]]["inputs"][image_input[1]] = images[0].name
+            problems, _ = await validate(first)
+            if problems:
+                raise RunnerError(EXIT_BAD_WORKFLOW, "invalid workflow:\n  - " + "\n  - ".join(problems))
+            runner = BatchRunner(prompt, image_input)
+            bar = tqdm(images, desc="images", unit="img", disable=disable, position=0)
+            runner.node_bar = tqdm(total=1, desc="node", position=1, leave=False, disable=disable)
+            try:
+                for image in bar:
+                    res = await runner.run_image(image, out, input_dir)
+                    results.append(res)
+                    write_results_csv(out / "results.csv", results)
+                    if res.status != "ok":
+                        tqdm.write(f"{image.name}: {res.status}: {res.error}", file=sys.stderr)
+                    bar.set_postfix_str(f"{image.name}: {res.status}")
+            finally:
                 runner.node_bar.close()
-            bar.close()
-    failed = [r for r in results if r.status != "ok"]
-    print(f"{len(results) - len(failed)}/{len(results)} images done; results in {out / 'results.csv'}")
-    return EXIT_FAILED if failed else EXIT_OK
+                bar.close()
+                runner.server.on_event = None
+        finally:
+            folder_paths.set_input_directory(saved[0])
+            folder_paths.set_output_directory(saved[1])
+            folder_paths.set_temp_directory(saved[2])
+            comfy.utils.set_progress_bar_global_hook(saved[3])
+    return results
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import io
 import json
 import os
 import shutil
@@ -39,10 +40,11 @@ from antipure.runner import RunnerError, find_comfyui  # noqa: E402
 CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
                  "--disable-background-networking", "--disable-component-update", "--disable-sync"]
 CHROMIUM_CANDIDATES = ("/usr/bin/chromium", "/usr/bin/chromium-browser", "/usr/bin/google-chrome")
-# frontend settings for a clean canvas: no first-run template browser, minimap, zoom menu, fps info
+# frontend settings for a clean canvas: no first-run template browser, minimap, zoom menu, fps info,
+# and full-detail nodes at any zoom
 SETTINGS = {"Comfy.TutorialCompleted": True, "Comfy.Minimap.Visible": False, "Comfy.Graph.CanvasMenu": False,
             "Comfy.Graph.CanvasInfo": False, "Comfy.EnableTooltips": False, "Comfy.Validation.Workflows": False,
-            "Comfy.EnableWorkflowViewRestore": True}
+            "LiteGraph.Canvas.MinFontSizeForLOD": 0}
 # everything drawn over the canvas: menus, side bar, toasts, dialogs, the node search box
 HIDE_CSS = """
 body > *:not(#vue-app), .comfyui-menu, .comfyui-body-top, .comfyui-body-left, .comfyui-body-right,
@@ -130,6 +132,54 @@ def pixel_std(path: Path) -> float:
         return float(sum(ImageStat.Stat(im.convert("RGB")).stddev) / 3)
 
 
+BOUNDS_JS = """() => {
+    const g = window.app.graph, b = [Infinity, Infinity, -Infinity, -Infinity];
+    for (const o of [...(g.nodes || g._nodes || []), ...(g.groups || g._groups || [])]) {
+        const r = o.boundingRect;
+        b[0] = Math.min(b[0], r[0]); b[1] = Math.min(b[1], r[1]);
+        b[2] = Math.max(b[2], r[0] + r[2]); b[3] = Math.max(b[3], r[1] + r[3]);
+    }
+    return b.every(Number.isFinite) ? [b[0] - 10, b[1] - 10, b[2] - b[0] + 20, b[3] - b[1] + 20] : null;
+}"""
+FIT = 0.92  # share of the picture the graph fills
+MAX_OVERSIZE = 3.0  # a big graph is drawn on a canvas up to 3x the picture, then scaled down
+
+
+def _screenshot(page, data: dict, width: int, height: int):
+    """Load one workflow into the page and return the canvas as a ``width`` x ``height`` PIL image.
+
+    The frontend simplifies nodes (no text) when they are drawn small, so a graph larger than
+    the picture is drawn on a proportionally larger canvas at readable zoom and scaled down.
+    """
+    from PIL import Image
+
+    page.set_viewport_size({"width": width, "height": height})
+    page.evaluate("""async (g) => {
+        await window.app.loadGraphData(g, true, false, null,
+            {showMissingNodesDialog: false, showMissingModelsDialog: false});
+    }""", data)
+    page.wait_for_timeout(500)  # node sizes are known after the first frame
+    bounds = page.evaluate(BOUNDS_JS)
+    if bounds is None:
+        raise PreviewError("the workflow has no nodes to draw")
+    k = min(MAX_OVERSIZE, max(1.0, bounds[2] / (FIT * width), bounds[3] / (FIT * height)))
+    if k > 1.0:
+        page.set_viewport_size({"width": round(width * k), "height": round(height * k)})
+        page.wait_for_timeout(300)
+    page.evaluate("""([b, zoom]) => {
+        const c = window.app.canvas;
+        c.resize?.();
+        c.deselectAll?.();
+        c.ds.fitToBounds(b, {zoom});
+        c.setDirty(true, true);
+        c.draw(true, true);
+    }""", [bounds, FIT])
+    page.wait_for_timeout(300)
+    png = page.locator("#graph-canvas").screenshot(type="png")
+    image = Image.open(io.BytesIO(png)).convert("RGB")
+    return image.resize((width, height), Image.LANCZOS) if image.size != (width, height) else image
+
+
 def render(workflows: list[Path], out_dir: Path | None, comfy_root: Path, chromium: str,
            width: int = 1280, height: int = 800, quality: int = 85, min_std: float = 4.0) -> list[Path]:
     """Screenshot each workflow; returns the JPEG paths. Raises PreviewError on a blank or failed one."""
@@ -146,31 +196,22 @@ def render(workflows: list[Path], out_dir: Path | None, comfy_root: Path, chromi
         try:
             page = browser.new_page()
             errors: list[str] = []
-            page.on("pageerror", lambda e: errors.append(str(e)))
+            page.on("pageerror", lambda e: errors.append(f"{e} {(e.stack or '')[:300]}"))
             page.goto(url, wait_until="load", timeout=120_000)
             page.wait_for_function("() => window.app && window.app.graph && window.app.canvas", timeout=120_000)
             page.add_style_tag(content=HIDE_CSS)
             for wf in workflows:
-                data = json.loads(wf.read_text(encoding="utf-8"))
-                (data.get("extra") or {}).pop("ds", None)  # no saved view: the frontend fits the graph
-                page.evaluate("""async (g) => {
-                    await window.app.loadGraphData(g, true, true, null,
-                        {showMissingNodesDialog: false, showMissingModelsDialog: false});
-                }""", data)
-                page.wait_for_timeout(1500)  # the fit happens after the first frame; let it settle
-                page.evaluate("""() => {
-                    const c = window.app.canvas; c.deselectAll?.(); c.setDirty(true, true); c.draw(true, true);
-                }""")
                 target = (out_dir or wf.parent) / (wf.stem + ".jpg")
+                shot = _screenshot(page, json.loads(wf.read_text(encoding="utf-8")), width, height)
                 target.parent.mkdir(parents=True, exist_ok=True)
-                canvas = page.locator("#graph-canvas")
-                canvas.screenshot(path=str(target), type="jpeg", quality=quality)
+                shot.save(target, "JPEG", quality=quality, optimize=True)
                 std = pixel_std(target)
                 if std < min_std:
                     raise PreviewError(f"{target}: the screenshot is blank (pixel std {std:.2f}); "
                                        f"page errors: {errors[-3:]}")
                 written.append(target)
                 print(f"{wf} -> {target} (pixel std {std:.1f})")
+                errors.clear()  # only reported for a blank picture: the frontend logs harmless ones
         finally:
             browser.close()
     return written
