@@ -1,0 +1,11 @@
+"""The pack's ComfyUI extension: the list of nodes the host registers."""
+from __future__ import annotations
+
+from .comfy_host import ComfyExtension, io
+from .guidance import AntiPureFrequencyGuidance, AntiPureTimestepGuidance
+from .protect import AntiPureProtect
+
+
+class AntiPureExtension(ComfyExtension):
+    async def get_node_list(self) -> list[type[io.ComfyNode]]:
+        return [AntiPureProtect, AntiPureFrequencyGuidance, AntiPureTimestepGuidance]

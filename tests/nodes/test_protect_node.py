@@ -1,0 +1,141 @@
+"""AntiPureProtect and the guidance nodes in real graphs on tiny SD1.x / SD2.x (v) / SDXL checkpoints."""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+import folder_paths
+import nodes
+
+from tests.nodes.graph import GraphBuilder
+from tests.toy import smooth_image
+
+
+@pytest.fixture(scope="module")
+def input_image(tmp_path_factory):
+    """Write test PNGs into the host's input folder; returns a function size -> file name."""
+    folder = tmp_path_factory.mktemp("input")
+    folder_paths.set_input_directory(str(folder))
+
+    def make(w: int, h: int) -> str:
+        name = f"face_{w}x{h}.png"
+        if not (folder / name).exists():
+            img = smooth_image(1, h, w, seed=w * h)[0].permute(1, 2, 0).numpy()
+            Image.fromarray((img * 255).round().astype(np.uint8)).save(folder / name)
+        return name
+    return make
+
+
+def protect_graph(ckpt: str, image: str, method: str = "antipure", steps: int = 2, guidance: bool = True,
+                  prefix: str = "protected"):
+    g = GraphBuilder(prefix="")
+    loader = g.node("CheckpointLoaderSimple", ckpt_name=ckpt)
+    text = g.node("CLIPTextEncode", clip=loader.out(1), text="a photo of sks person")
+    img = g.node("LoadImage", image=image)
+    extra = {}
+    if guidance:
+        extra["frequency_guidance"] = g.node("AntiPureFrequencyGuidance", weight=1.0, patch_size=8, threshold=0.0,
+                                             soft_mask=False, transform="dct", space="pixel", t_star=0.3).out(0)
+        extra["timestep_guidance"] = g.node("AntiPureTimestepGuidance", weight=1.0, mapping="reverse", offset=500,
+                                            mode="match").out(0)
+    protect = g.node("AntiPureProtect", image=img.out(0), model=loader.out(0), vae=loader.out(2),
+                     positive=text.out(0), method=method, eta=8.0, steps=steps, alpha=2.0, seed=0,
+                     random_start=False, eot_samples=1, **extra)
+    g.node("SaveImage", images=protect.out(0), filename_prefix=prefix)
+    g.node("PreviewImage", images=protect.out(1))
+    return g, protect
+
+
+def saved_pngs(output_dir, prefix):
+    return sorted(output_dir.glob(f"{prefix}_*.png"))
+
+
+def load_u8(path):
+    return np.asarray(Image.open(path).convert("RGB")).astype(np.int16)
+
+
+@pytest.mark.parametrize("family,size,method", [
+    ("sd15", (500, 333), "advdm"),    # odd size on the real VAE: the output keeps it exactly
+    ("sd15", (40, 56), "antipure"),
+    ("sd20v", (48, 40), "antipure"),
+    ("sdxl", (48, 40), "antipure"),
+])
+def test_protect_graph_saves_bounded_png(graph, tiny_checkpoint, input_image, output_dir, family, size, method):
+    name = input_image(*size)
+    prefix = f"protect_{family}_{size[0]}x{size[1]}_{method}"
+    steps = 1 if size[0] > 256 else 2
+    g, protect = protect_graph(tiny_checkpoint(family), name, method=method, steps=steps, prefix=prefix)
+    result = graph.run(g)
+    assert result.ok, result.error
+    files = saved_pngs(output_dir, prefix)
+    assert len(files) == 1
+    out = load_u8(files[0])
+    ref = load_u8(folder_paths.get_annotated_filepath(name))
+    assert out.shape == ref.shape == (size[1], size[0], 3)
+    diff = np.abs(out - ref)
+    assert diff.max() <= 8 and diff.max() >= 1 and (diff > 0).mean() > 0.05
+    # one progress update per PGD step from the protect node
+    assert [v for n, v, t in result.progress if n == protect.id] == list(range(1, steps + 1))
+
+
+def test_ablation_without_guidance_differs(graph, tiny_checkpoint, input_image, output_dir):
+    name = input_image(40, 56)
+    runs = {}
+    for guidance in (True, False):
+        prefix = f"ablation_{guidance}"
+        g, _ = protect_graph(tiny_checkpoint("sd15"), name, steps=2, guidance=guidance, prefix=prefix)
+        assert graph.run(g).ok
+        runs[guidance] = load_u8(saved_pngs(output_dir, prefix)[0])
+    assert not np.array_equal(runs[True], runs[False])
+
+
+def test_cancel_mid_run_leaves_no_output(graph, tiny_checkpoint, input_image, output_dir):
+    name = input_image(40, 56)
+    g, protect = protect_graph(tiny_checkpoint("sd15"), name, steps=20, prefix="cancelled")
+    graph.interrupt_after(2)
+    result = graph.run(g)
+    assert not result.ok and result.event("execution_interrupted")
+    assert protect.id not in result.outputs
+    steps_done = [v for n, v, t in result.progress if n == protect.id]
+    assert len(steps_done) <= 3  # stopped within one step of the cancel
+    assert saved_pngs(output_dir, "cancelled") == []
+
+
+def test_bad_eta_is_a_clear_error(graph, tiny_checkpoint, input_image):
+    g, _ = protect_graph(tiny_checkpoint("sd15"), input_image(40, 56), steps=1)
+    prompt = g.finalize()
+    node = next(v for v in prompt.values() if v["class_type"] == "AntiPureProtect")
+    node["inputs"]["eta"] = 0.0
+    result = graph.run(prompt)
+    assert not result.ok and "eta" in (result.error or "")
+
+
+def test_steps_zero_returns_input(graph, tiny_checkpoint, input_image, output_dir):
+    name = input_image(40, 56)
+    g, _ = protect_graph(tiny_checkpoint("sd15"), name, steps=0, prefix="zero")
+    assert graph.run(g).ok
+    assert np.array_equal(load_u8(saved_pngs(output_dir, "zero")[0]),
+                          load_u8(folder_paths.get_annotated_filepath(name)))
+
+
+def test_pack_registers_nodes_with_display_names(host):
+    for node_id in ("AntiPureProtect", "AntiPureFrequencyGuidance", "AntiPureTimestepGuidance"):
+        assert node_id in nodes.NODE_CLASS_MAPPINGS
+        assert nodes.NODE_DISPLAY_NAME_MAPPINGS[node_id].startswith("AntiPure")
+    # loaded through the host's custom-node path, which records only modules that imported cleanly
+    assert host.pack_loaded and host.pack_dir.name in nodes.LOADED_MODULE_DIRS
+
+
+def test_grayscale_and_alpha_inputs_adapt(host, tiny_model, encode_text):
+    protect_mod = host.pack_import("nodes.protect")
+    model, clip, vae = tiny_model("sd15")
+    cond = encode_text(clip)
+    rgba = torch.cat([smooth_image(1, 32, 40).movedim(1, -1), torch.full((1, 32, 40, 1), 0.25)], dim=-1)
+    with torch.inference_mode():
+        out, delta = protect_mod.AntiPureProtect.execute(rgba, model, vae, cond, "advdm", 8.0, 1, 2.0, 0,
+                                                         False, 1).args
+    assert out.shape == rgba.shape and torch.equal(out[..., 3], rgba[..., 3])
+    assert (out[..., :3] - rgba[..., :3]).abs().max() <= 8 / 255 + 1e-6
+    assert delta.shape == (1, 32, 40, 3)
