@@ -55,6 +55,11 @@ class UIGraph:
         src["outputs"][src_slot]["links"].append(link_id)
         dst["inputs"][idx]["link"] = link_id
 
+    def wire(self, *edges):
+        """``link`` for each ``(src, src_slot, dst, dst_input)``."""
+        for edge in edges:
+            self.link(*edge)
+
     def json(self):
         return {"last_node_id": len(self.nodes), "last_link_id": len(self.links), "nodes": self.nodes,
                 "links": self.links, "groups": [], "config": {}, "extra": {}, "version": 0.4}
@@ -73,12 +78,14 @@ def invert_workflow(prefix="inv"):
     width = g.node("PreviewAny", inputs=[("source", "*")], title="Width")
     label = g.node("StringConcatenate", ["size", "ok", "-"], outputs=["STRING"], title="Label")
     shown = g.node("PreviewAny", inputs=[("source", "*")], title="Shown")
-    g.link(load, 0, scale, "image")
-    g.link(scale, 0, inv, "image")
-    g.link(inv, 0, save, "images")
-    g.link(load, 0, size, "image")
-    g.link(size, 0, width, "source")
-    g.link(label, 0, shown, "source")
+    g.wire(
+        (load, 0, scale, "image"),
+        (scale, 0, inv, "image"),
+        (inv, 0, save, "images"),
+        (load, 0, size, "image"),
+        (size, 0, width, "source"),
+        (label, 0, shown, "source"),
+    )
     return g.json()
 
 
@@ -176,16 +183,18 @@ def test_bypass_muted_reroute_primitive_and_notes():
     sampler = g.node("Sampler", [1, "fixed", 2, "euler", "a", "fixed", "", "t", 3, "fixed", 0.1],
                      inputs=[("model", "MODEL")], widget_inputs=[("steps", "INT")])
     g.node("Note", ["just text"])
-    g.link(model, 0, by, "model")
-    g.link(model, 1, by, "image")
-    g.link(by, 0, reroute, "")
-    g.link(reroute, 0, sink, "model")
-    g.link(by, 1, sink, "image")
-    g.link(model, 0, muted, "model")
-    g.link(muted, 1, sink2, "image")
-    g.link(model, 0, sink2, "model")
-    g.link(prim, 0, sampler, "steps")
-    g.link(reroute, 0, sampler, "model")
+    g.wire(
+        (model, 0, by, "model"),
+        (model, 1, by, "image"),
+        (by, 0, reroute, ""),
+        (reroute, 0, sink, "model"),
+        (by, 1, sink, "image"),
+        (model, 0, muted, "model"),
+        (muted, 1, sink2, "image"),
+        (model, 0, sink2, "model"),
+        (prim, 0, sampler, "steps"),
+        (reroute, 0, sampler, "model"),
+    )
     prompt = wf.ui_to_api(g.json(), CLASSES)
     assert set(prompt) == {"1", "4", "6", "8"}  # bypassed, muted, reroute, primitive and note are gone
     assert prompt["4"]["inputs"] == {"image": ["1", 1], "model": ["1", 0]}
@@ -206,9 +215,11 @@ def test_subgraph_is_flattened():
     src = g.node("Pass", inputs=[("model", "MODEL"), ("image", "IMAGE")], outputs=["MODEL", "IMAGE"])
     inst = g.node("sub-1", inputs=[("model", "MODEL"), ("image", "IMAGE")], outputs=["IMAGE"])
     sink = g.node("Sink", inputs=[("image", "IMAGE"), ("model", "MODEL")])
-    g.link(src, 0, inst, "model")
-    g.link(src, 1, inst, "image")
-    g.link(inst, 0, sink, "image")
+    g.wire(
+        (src, 0, inst, "model"),
+        (src, 1, inst, "image"),
+        (inst, 0, sink, "image"),
+    )
     data = g.json()
     data["definitions"] = {"subgraphs": [sub]}
     prompt = wf.ui_to_api(data, CLASSES)
@@ -259,13 +270,15 @@ def test_builtin_ui_workflow_converts_and_validates(input_dir):
     save = g.node("SaveImage", ["t"], inputs=[("images", "IMAGE")])
     preview = g.node("PreviewImage", inputs=[("images", "IMAGE")], mode=2)  # muted
     g.node("MarkdownNote", ["# notes are not sent"])
-    g.link(load, 0, reroute, "")
-    g.link(reroute, 0, scale, "image")
-    g.link(width, 0, scale, "width")
-    g.link(scale, 0, blur, "image")
-    g.link(blur, 0, inv, "image")
-    g.link(inv, 0, save, "images")
-    g.link(inv, 0, preview, "images")
+    g.wire(
+        (load, 0, reroute, ""),
+        (reroute, 0, scale, "image"),
+        (width, 0, scale, "width"),
+        (scale, 0, blur, "image"),
+        (blur, 0, inv, "image"),
+        (inv, 0, save, "images"),
+        (inv, 0, preview, "images"),
+    )
     prompt = wf.ui_to_api(g.json(), nodes.NODE_CLASS_MAPPINGS)
     assert {k: (v["class_type"], v["inputs"]) for k, v in prompt.items()} == {
         "1": ("LoadImage", {"image": "img.png"}),
@@ -423,6 +436,26 @@ def test_runner_rejects_invalid_workflow_and_missing_model(tmp_path, three_image
     err = capsys.readouterr().err
     assert "ckpt_name 'no_such_model.safetensors' not found" in err and "available:" in err
     assert folder_paths.get_input_directory() == str(input_dir)  # host state restored
+
+
+def test_runner_image2image_template_with_models_folder(tmp_path, tiny_checkpoint, models_dir, input_dir):
+    """A host template saved by the frontend, run with a checkpoint from --models (one image: the full
+    SD VAE dominates the time on a CPU)."""
+    templates = pytest.importorskip("comfyui_workflow_templates")
+    workflow = Path(templates.get_templates_path()) / "image2image.json"
+    ckpt = tiny_checkpoint("sd15")
+    folder = tmp_path / "images"
+    folder.mkdir()
+    Image.fromarray((np.random.default_rng(0).random((64, 64, 3)) * 255).astype(np.uint8)).save(folder / "0.png")
+    out = tmp_path / "out"
+    code = runner.main(["run", str(workflow), "--images", str(folder), "--out", str(out), "--no-progress",
+                        "--models", str(models_dir), "--comfyui", str(Path(nodes.__file__).parent),
+                        "--set", f"CheckpointLoaderSimple.ckpt_name={ckpt}", "--set", "KSampler.steps=2",
+                        "--set", "ImageScaleToTotalPixels.megapixels=0.01"])
+    assert code == runner.EXIT_OK
+    rows = list(csv.DictReader(open(out / "results.csv", encoding="utf-8")))
+    assert [(r["image"], r["status"], r["outputs"]) for r in rows] == [("0.png", "ok", "0/ComfyUI_00001_.png")]
+    assert Image.open(out / rows[0]["outputs"]).size == (96, 96)  # 0.01 MP, cropped to a multiple of 8
 
 
 def test_runner_reports_failed_image_and_continues(tmp_path, capsys, input_dir):
