@@ -2,10 +2,12 @@
 from __future__ import annotations
 
 from .comfy_host import ComfyExtension, io
+from .evaluate import AntiPureEvaluate
 from .guidance import AntiPureFrequencyGuidance, AntiPureTimestepGuidance
 from .protect import AntiPureProtect
 
 
 class AntiPureExtension(ComfyExtension):
     async def get_node_list(self) -> list[type[io.ComfyNode]]:
-        return [AntiPureProtect, AntiPureFrequencyGuidance, AntiPureTimestepGuidance]
+        return [AntiPureProtect, AntiPureFrequencyGuidance, AntiPureTimestepGuidance,
+                AntiPureEvaluate]
