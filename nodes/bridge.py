@@ -4,9 +4,9 @@ The host runs every node under ``torch.inference_mode()`` and its loaders make
 inference tensors, which autograd refuses to save for backward. :func:`session`
 leaves inference mode, loads the models through the host's memory management,
 swaps every inference parameter/buffer of the UNet model and the VAE for a
-plain copy with the same values (``requires_grad=False``), and puts the
-originals back afterwards, so other nodes see exactly the objects they saw
-before. Gradients then flow from the latents/images through the VAE encoder,
+plain tensor aliasing the same memory (no copy, ``requires_grad=False``), and
+puts the originals back afterwards, so other nodes see exactly the objects
+they saw before. Gradients then flow from the latents/images through the VAE encoder,
 the UNet and the VAE decoder, and never into the weights.
 
 Noise prediction goes through the host's own sampling code: the core's VP
@@ -99,25 +99,34 @@ def _plain(t: Any) -> Any:
     return t.clone() if isinstance(t, Tensor) and t.is_inference() else t
 
 
-def _swap_in_plain_copies(module: torch.nn.Module) -> list[tuple]:
-    """Replace inference params/buffers by plain copies and freeze all params; returns what to restore."""
-    undo, copies = [], {}
+def _alias(t: Tensor) -> Tensor:
+    """A normal tensor on the same memory as inference tensor ``t``: autograd may save it, nothing is copied."""
+    try:
+        return torch.empty(0, dtype=t.dtype, device=t.device).set_(
+            t.untyped_storage(), t.storage_offset(), t.size(), t.stride())
+    except (RuntimeError, TypeError, NotImplementedError):  # exotic tensor types: fall back to a copy
+        return t.clone()
+
+
+def _swap_in_plain_tensors(module: torch.nn.Module) -> list[tuple]:
+    """Replace inference params/buffers by plain aliases and freeze all params; returns what to restore."""
+    undo, aliases = [], {}
     for mod in module.modules():
         for name, p in list(mod._parameters.items()):
             if p is None:
                 continue
-            if p.is_inference():  # its own flags stay as they are; only the copy is seen
+            if p.is_inference():  # its own flags stay as they are; only the alias is seen
                 undo.append((mod._parameters, name, p, None))
-                if id(p) not in copies:  # keep tied weights tied
-                    copies[id(p)] = torch.nn.Parameter(p.clone(), requires_grad=False)
-                mod._parameters[name] = copies[id(p)]
+                if id(p) not in aliases:  # keep tied weights tied
+                    aliases[id(p)] = torch.nn.Parameter(_alias(p), requires_grad=False)
+                mod._parameters[name] = aliases[id(p)]
             else:
                 undo.append((mod._parameters, name, p, p.requires_grad))
                 p.requires_grad_(False)
         for name, b in list(mod._buffers.items()):
             if b is not None and b.is_inference():
                 undo.append((mod._buffers, name, b, None))
-                mod._buffers[name] = copies.setdefault(id(b), b.clone())
+                mod._buffers[name] = aliases.setdefault(id(b), _alias(b))
     return undo
 
 
@@ -236,11 +245,10 @@ def session(model, vae, positive=None) -> Iterator[HostDiffusionModel]:
     """Differentiable access to ``model``/``vae`` while the block runs, even under the host's inference mode.
 
     Loads both fully through ``comfy.model_management.load_models_gpu``,
-    swaps inference weights for plain copies (frozen, same values), prepares
-    the model options as the host's samplers do, and afterwards puts every
-    original weight object and ``requires_grad`` flag back and frees the
-    copies. Memory: the copies live only while the block runs (about one
-    extra set of the weights that were inference tensors).
+    swaps inference weights for frozen plain tensors on the same memory (no
+    copy, so no extra weight memory), prepares the model options as the
+    host's samplers do, and afterwards puts every original weight object and
+    ``requires_grad`` flag back, also when the block raises.
 
     Args:
         model: host MODEL of an SD1.x / SD2.x / SDXL checkpoint (else ``ValueError``).
@@ -258,8 +266,8 @@ def session(model, vae, positive=None) -> Iterator[HostDiffusionModel]:
         model_management.load_models_gpu([model, vae.patcher], force_full_load=True)
         undo = []
         try:
-            undo += _swap_in_plain_copies(model.model)
-            undo += _swap_in_plain_copies(vae.first_stage_model)
+            undo += _swap_in_plain_tensors(model.model)
+            undo += _swap_in_plain_tensors(vae.first_stage_model)
             options = model_patcher.create_model_options_clone(model.model_options)
             sampler_helpers.prepare_model_patcher(model, {}, options)
             samplers.cast_to_load_options(options, device=model.load_device, dtype=model.model_dtype())

@@ -26,7 +26,7 @@ EXPECTED = {  # family -> (config class, model class, prediction, context width,
               1024, 1024),
     "sdxl": (tiny_checkpoints.TinySDXL, comfy.model_base.SDXL, comfy.model_base.ModelType.EPS, 2048, 1280),
 }
-SIZE = 32  # px; a multiple of every tiny UNet's SIZE_MULTIPLE
+SIZE = 16  # px; a multiple of every tiny UNet's SIZE_MULTIPLE
 
 
 @pytest.fixture(scope="module")
@@ -95,6 +95,8 @@ def test_gradients_reach_delta_under_inference_mode(loaded, bridge, diffusion):
         x = smooth_image(1, SIZE, SIZE, seed=1)
         with bridge.session(model, vae, positive) as dm:
             assert not torch.is_inference_mode_enabled() and torch.is_grad_enabled()
+            for k, p in _weights(model, vae).items():  # frozen plain tensors on the same memory, no copy
+                assert not p.is_inference() and not p.requires_grad and p.data_ptr() == weights[k].data_ptr(), k
             delta = torch.zeros_like(x, requires_grad=True)
             z0 = dm.encode((x + delta).clamp(0, 1))
             t = torch.tensor([400])

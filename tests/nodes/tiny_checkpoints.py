@@ -11,22 +11,24 @@ format, text encoder widths (768 / 1024 / 768+1280), tokenizers, pooled
 outputs, key conversions (``process_*_state_dict_for_saving``) and the full SD
 VAE (the loader cannot shrink it).
 
-* SD1.x: one level, one res block, one transformer block, ``context_dim`` 768,
-  conv ``proj_in``; CLIP-L.
+* SD1.x: ``model_channels`` 32, one level, one res block, one transformer
+  block, ``context_dim`` 768, conv ``proj_in``; CLIP-L.
 * SD2.x: 768-v style: ``context_dim`` 1024, linear ``proj_in``, OpenCLIP-H
   (penultimate layer, projected pooled output). The host decides v-prediction
   for SD2 from ``output_blocks.11.1.transformer_blocks.0.norm1.bias`` (std >
-  0.09, as in trained v models), so the tiny UNet keeps twelve output blocks
-  (two levels of five res blocks, attention at the first level) and that bias
-  is drawn with std 0.2.
-* SDXL: two levels (attention at the second), ``adm_in_channels`` 2816 =
-  pooled CLIP-G 1280 + six size embeddings, ``context_dim`` 2048 = CLIP-L 768
-  + CLIP-G 1280.
+  0.09, as in trained v models), so the tiny UNet (``model_channels`` 64, as
+  SD2's 64-channel heads need) keeps twelve output blocks (two levels of five
+  res blocks, attention at the first level) and that bias is drawn with std
+  0.2.
+* SDXL: ``model_channels`` 64, two levels (attention at the second, two heads
+  of 64), ``adm_in_channels`` 2816 = pooled CLIP-G 1280 + six size
+  embeddings, ``context_dim`` 2048 = CLIP-L 768 + CLIP-G 1280.
 
 Weights: norms 1/0, embeddings N(0, 0.02), other weights N(0, 1/fan_in),
-biases 0, tiled from one random pool; one VAE state is shared by all files. Files are fp16 safetensors
-(the loader computes in fp32 on the CPU). Build them once per test run into a
-temporary folder; never commit them.
+biases 0, tiled from one random pool; one VAE state is shared by all files.
+Files are fp16 safetensors (the loader computes in fp32 on the CPU). Build
+them once per test run into a temporary folder; never commit them. Image
+sides must be multiples of :data:`SIZE_MULTIPLE` (16).
 """
 from __future__ import annotations
 
@@ -73,7 +75,7 @@ def _tiny(base, unet, te_names, unet_extra=None):
 
 TinySD15 = _tiny(sm.SD15, {"model_channels": 32}, ["clip_l"])
 TinySD20 = _tiny(sm.SD20, {"model_channels": 64}, ["clip_h"])
-TinySDXL = _tiny(sm.SDXL, {"model_channels": 32, "transformer_depth": [0, 1]}, ["clip_l", "clip_g"])
+TinySDXL = _tiny(sm.SDXL, {"model_channels": 64, "transformer_depth": [0, 1]}, ["clip_l", "clip_g"])
 
 # the full UNet config each family's detector must read back from the weights
 _COMMON = {"image_size": 32, "use_spatial_transformer": True, "legacy": False, "use_checkpoint": False,
@@ -86,13 +88,14 @@ FAMILIES = {
                          "transformer_depth": [1] * 5 + [0] * 5, "transformer_depth_output": [1] * 6 + [0] * 6,
                          "transformer_depth_middle": -2, "context_dim": 1024, "use_linear_in_transformer": True,
                          "adm_in_channels": None}),
-    "sdxl": (TinySDXL, {**_COMMON, "model_channels": 32, "num_res_blocks": [1, 1], "channel_mult": [1, 2],
+    "sdxl": (TinySDXL, {**_COMMON, "model_channels": 64, "num_res_blocks": [1, 1], "channel_mult": [1, 2],
                         "transformer_depth": [0, 1], "transformer_depth_output": [0, 0, 1, 1],
                         "transformer_depth_middle": -2, "context_dim": 2048, "use_linear_in_transformer": True,
                         "adm_in_channels": 2816, "num_classes": "sequential"}),
 }
-#: image sizes must be multiples of this for each tiny UNet (VAE factor 8 x UNet down-sampling)
-SIZE_MULTIPLE = {"sd15": 8, "sd20v": 16, "sdxl": 16}
+#: image sides must be multiples of this for every tiny model (VAE 8 x UNet 2; smaller latents leave
+#: GroupNorm one value per group)
+SIZE_MULTIPLE = 16
 
 
 def register() -> None:
