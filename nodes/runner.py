@@ -356,14 +356,22 @@ class ImageResult:
     error: str = ""
 
 
-def _output_files(ui_outputs: Mapping[str, Any], out_dir: Path) -> list[str]:
+def _snapshot(folder: Path) -> dict[str, float]:
+    return {str(p.relative_to(folder)): p.stat().st_mtime for p in folder.rglob("*") if p.is_file()}
+
+
+def _output_files(ui_outputs: Mapping[str, Any], out_dir: Path, before: Mapping[str, float]) -> list[str]:
+    """Files the run wrote under ``out_dir``: those the nodes reported (SaveImage's ``images`` ...)
+    plus any other new or rewritten file (e.g. a report a node saved itself); paths relative."""
     files = []
     for ui in ui_outputs.values():
         for items in (ui or {}).values():
-            for item in items if isinstance(items, list) else []:
+            for item in items if isinstance(items, (list, tuple)) else []:
                 if isinstance(item, dict) and "filename" in item and item.get("type", "output") == "output":
                     files.append(str(Path(item.get("subfolder", "")) / item["filename"]))
-    return [f for f in files if (out_dir / f).is_file()]
+    files = [f for f in files if (out_dir / f).is_file()]
+    changed = sorted(f for f, t in _snapshot(out_dir).items() if before.get(f) != t and f != "results.csv")
+    return files + [f for f in changed if f not in files]
 
 
 class BatchRunner:
@@ -403,10 +411,11 @@ class BatchRunner:
             self.node_bar.refresh()
 
     async def run_image(self, image: Path, out_dir: Path, input_dir: Path) -> ImageResult:
-        """Execute the prompt for one image; saved files go to ``out_dir/<image stem>/``.
+        """Execute the prompt for one image with ``out_dir`` as the host's output folder.
 
-        Saving nodes keep their objects (and output folder) across runs in the executor's
-        cache, so the per-image folder goes into every ``filename_prefix`` instead.
+        Nodes with a ``filename_prefix`` save under ``out_dir/<image stem>/``: the per-image
+        folder goes into the prefix because the executor keeps node objects (and the output
+        folder SaveImage took when it was made) from one image to the next.
         """
         import folder_paths
 
@@ -422,6 +431,7 @@ class BatchRunner:
                 node["inputs"]["filename_prefix"] = f"{image.stem}/{prefix}"
         out_dir.mkdir(parents=True, exist_ok=True)
         folder_paths.set_output_directory(str(out_dir))
+        before = _snapshot(out_dir)
         t0 = time.perf_counter()
         problems, outputs = await validate(prompt)
         if problems:
@@ -438,7 +448,7 @@ class BatchRunner:
             result.error = (f"node {err.get('node_id')} ({err.get('node_type')}): "
                             f"{err.get('exception_type', '')}: {err.get('exception_message', '')}").strip()
             return result
-        result.outputs = _output_files(self.executor.history_result.get("outputs", {}), out_dir)
+        result.outputs = _output_files(self.executor.history_result.get("outputs", {}), out_dir, before)
         result.strings = self._strings(prompt)
         return result
 
