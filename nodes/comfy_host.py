@@ -14,6 +14,8 @@ import comfy.model_sampling as model_sampling
 import comfy.sampler_helpers as sampler_helpers
 import comfy.samplers as samplers
 import comfy.utils as comfy_utils
+import comfy.weight_adapter as weight_adapter
+import comfy_extras.nodes_train as nodes_train
 import folder_paths
 from comfy_api.latest import ComfyExtension, io, ui
 
@@ -21,3 +23,4 @@ __all__ = [
     "ComfyExtension", "io", "ui", "folder_paths", "comfy_utils", "model_management", "model_patcher",
     "model_base", "model_sampling", "latent_formats", "samplers", "sampler_helpers",
 ]
+__all__ += ["weight_adapter", "nodes_train"]

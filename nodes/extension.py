@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 from .comfy_host import ComfyExtension, io
+from .customize import AntiPureCustomize
 from .evaluate import AntiPureEvaluate
 from .guidance import AntiPureFrequencyGuidance, AntiPureTimestepGuidance
 from .protect import AntiPureProtect
@@ -10,4 +11,5 @@ from .protect import AntiPureProtect
 class AntiPureExtension(ComfyExtension):
     async def get_node_list(self) -> list[type[io.ComfyNode]]:
         return [AntiPureProtect, AntiPureFrequencyGuidance, AntiPureTimestepGuidance,
+                AntiPureCustomize,
                 AntiPureEvaluate]
