@@ -180,19 +180,22 @@ def _screenshot(page, data: dict, width: int, height: int):
     return image.resize((width, height), Image.LANCZOS) if image.size != (width, height) else image
 
 
-def render(workflows: list[Path], out_dir: Path | None, comfy_root: Path, chromium: str,
-           width: int = 1280, height: int = 800, quality: int = 85, min_std: float = 4.0) -> list[Path]:
-    """Screenshot each workflow; returns the JPEG paths. Raises PreviewError on a blank or failed one."""
+@contextlib.contextmanager
+def frontend_page(comfy_root: Path, chromium: str, width: int = 1280, height: int = 800):
+    """The host's web frontend, served by its own server, open in headless Chromium.
+
+    Yields ``(page, errors)``: a Playwright page with ``window.app`` ready, and the list the
+    page's uncaught errors are appended to.
+    """
     try:
         from playwright.sync_api import sync_playwright
     except ImportError:
         raise PreviewError("Playwright for Python is missing: pip install playwright "
                            "(the browser comes from the system: apt-get install chromium)", 2) from None
-    written = []
     with comfy_server(comfy_root) as url, sync_playwright() as pw, tempfile.TemporaryDirectory() as profile:
         browser = pw.chromium.launch_persistent_context(
             profile, executable_path=chromium, args=CHROMIUM_ARGS, headless=True,
-            viewport={"width": width, "height": height}, device_scale_factor=1)
+            viewport={"width": width, "height": height}, device_scale_factor=1, timeout=180_000)
         try:
             page = browser.new_page()
             errors: list[str] = []
@@ -200,20 +203,42 @@ def render(workflows: list[Path], out_dir: Path | None, comfy_root: Path, chromi
             page.goto(url, wait_until="load", timeout=120_000)
             page.wait_for_function("() => window.app && window.app.graph && window.app.canvas", timeout=120_000)
             page.add_style_tag(content=HIDE_CSS)
-            for wf in workflows:
-                target = (out_dir or wf.parent) / (wf.stem + ".jpg")
-                shot = _screenshot(page, json.loads(wf.read_text(encoding="utf-8")), width, height)
-                target.parent.mkdir(parents=True, exist_ok=True)
-                shot.save(target, "JPEG", quality=quality, optimize=True)
-                std = pixel_std(target)
-                if std < min_std:
-                    raise PreviewError(f"{target}: the screenshot is blank (pixel std {std:.2f}); "
-                                       f"page errors: {errors[-3:]}")
-                written.append(target)
-                print(f"{wf} -> {target} (pixel std {std:.1f})")
-                errors.clear()  # only reported for a blank picture: the frontend logs harmless ones
+            yield page, errors
         finally:
             browser.close()
+
+
+def frontend_prompt(page, data: dict) -> dict:
+    """The API prompt the frontend itself makes from a UI workflow (``app.graphToPrompt``), for
+    checking :func:`nodes.workflow_format.ui_to_api` against the real thing."""
+    return page.evaluate("""async (g) => {
+        await window.app.loadGraphData(g, true, false, null,
+            {showMissingNodesDialog: false, showMissingModelsDialog: false});
+        return (await window.app.graphToPrompt()).output;
+    }""", data)
+
+
+def render(workflows: list[Path], out_dir: Path | None, page, width: int = 1280, height: int = 800,
+           quality: int = 85, min_std: float = 4.0, errors: list[str] | None = None) -> list[Path]:
+    """Screenshot each workflow in a :func:`frontend_page`; returns the JPEG paths.
+
+    Raises:
+        PreviewError: a picture came out blank (pixel standard deviation below ``min_std``).
+    """
+    errors = errors if errors is not None else []
+    written = []
+    for wf in workflows:
+        target = (out_dir or wf.parent) / (wf.stem + ".jpg")
+        shot = _screenshot(page, json.loads(wf.read_text(encoding="utf-8")), width, height)
+        target.parent.mkdir(parents=True, exist_ok=True)
+        shot.save(target, "JPEG", quality=quality, optimize=True)
+        std = pixel_std(target)
+        if std < min_std:
+            raise PreviewError(f"{target}: the screenshot is blank (pixel std {std:.2f}); "
+                               f"page errors: {errors[-3:]}")
+        written.append(target)
+        print(f"{wf} -> {target} (pixel std {std:.1f})")
+        errors.clear()  # only reported for a blank picture: the frontend logs harmless ones
     return written
 
 
@@ -231,9 +256,9 @@ def main(argv: list[str] | None = None) -> int:
         print("no workflows to render", file=sys.stderr)
         return 1
     try:
-        comfy_root = find_comfyui(ns.comfyui)
-        render([Path(w) for w in workflows], ns.out_dir, comfy_root, find_chromium(ns.chromium),
-               ns.width, ns.height)
+        comfy_root, chromium = find_comfyui(ns.comfyui), find_chromium(ns.chromium)
+        with frontend_page(comfy_root, chromium, ns.width, ns.height) as (page, errors):
+            render([Path(w) for w in workflows], ns.out_dir, page, ns.width, ns.height, errors=errors)
     except RunnerError as e:
         print(f"error: {e}", file=sys.stderr)
         return e.code

@@ -6,6 +6,7 @@ KSampler ...) so the tools are tested independently of the pack's nodes.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import csv
 import json
 import os
@@ -257,8 +258,9 @@ def test_dynamic_prompts_are_seeded():
 # --- conversion against the host's schemas --------------------------------------------------
 
 
-def test_builtin_ui_workflow_converts_and_validates(input_dir):
-    write_image(input_dir / "img.png", 64, 48, 10)
+def routing_workflow():
+    """Built-in nodes with a Reroute, a PrimitiveNode feeding a widget input, a bypassed V3 node, a
+    muted output and a note."""
     g = UIGraph()
     load = g.node("LoadImage", ["img.png", "image"], outputs=["IMAGE", "MASK"])
     reroute = g.node("Reroute", inputs=[("", "*")], outputs=["IMAGE"])
@@ -279,7 +281,12 @@ def test_builtin_ui_workflow_converts_and_validates(input_dir):
         (inv, 0, save, "images"),
         (inv, 0, preview, "images"),
     )
-    prompt = wf.ui_to_api(g.json(), nodes.NODE_CLASS_MAPPINGS)
+    return g.json()
+
+
+def test_builtin_ui_workflow_converts_and_validates(input_dir):
+    write_image(input_dir / "img.png", 64, 48, 10)
+    prompt = wf.ui_to_api(routing_workflow(), nodes.NODE_CLASS_MAPPINGS)
     assert {k: (v["class_type"], v["inputs"]) for k, v in prompt.items()} == {
         "1": ("LoadImage", {"image": "img.png"}),
         "4": ("ImageScale", {"upscale_method": "nearest-exact", "width": 40, "height": 24, "crop": "disabled",
@@ -472,10 +479,16 @@ def test_runner_reports_failed_image_and_continues(tmp_path, capsys, input_dir):
     assert rows["broken.png"]["error"]
 
 
-# --- preview screenshots --------------------------------------------------------------------
+# --- the host's real web frontend (headless Chromium): previews, and conversion ground truth --
 
 
-def test_render_previews_draws_a_workflow(tmp_path):
+@pytest.fixture(scope="module")
+def frontend():
+    """``(render_previews module, page)``: ComfyUI's server with this pack, its frontend in Chromium.
+
+    Module-scoped (one server for the tests below) and used last in this file, so that no
+    ``asyncio.run`` happens while Playwright's sync API holds the thread.
+    """
     pytest.importorskip("playwright", reason="Playwright for Python is not installed (pip install playwright)")
     sys.path.insert(0, str(PACK_DIR / "scripts"))
     try:
@@ -483,19 +496,56 @@ def test_render_previews_draws_a_workflow(tmp_path):
     finally:
         sys.path.remove(str(PACK_DIR / "scripts"))
     try:
-        render_previews.find_chromium()
+        chromium = render_previews.find_chromium()
     except render_previews.PreviewError as e:
         pytest.skip(str(e))
+    with render_previews.frontend_page(Path(nodes.__file__).parent, chromium, 960, 600) as (page, _errors):
+        yield render_previews, page
+
+
+def test_render_previews_draws_a_workflow(frontend, tmp_path):
+    render_previews, page = frontend
     (tmp_path / "flows").mkdir()
     (tmp_path / "flows" / "invert.json").write_text(json.dumps(invert_workflow()))
-    proc = subprocess.run([sys.executable, str(PACK_DIR / "scripts" / "render_previews.py"),
-                           str(tmp_path / "flows" / "invert.json"), "--out-dir", str(tmp_path / "previews"),
-                           "--width", "960", "--height", "600", "--comfyui", str(Path(nodes.__file__).parent)],
-                          capture_output=True, text=True, timeout=600)
-    assert proc.returncode == 0, proc.stdout + proc.stderr
-    jpg = tmp_path / "previews" / "invert.jpg"
-    im = np.asarray(Image.open(jpg).convert("L"), dtype=np.float32)
+    written = render_previews.render([tmp_path / "flows" / "invert.json"], tmp_path / "previews", page, 960, 600)
+    assert written == [tmp_path / "previews" / "invert.jpg"]
+    im = np.asarray(Image.open(written[0]).convert("L"), dtype=np.float32)
     assert im.shape == (600, 960)
-    assert im.std() > 4.0  # not a blank canvas: nodes, text and links are drawn
-    # the nodes are drawn lighter than the canvas background; some of them must be on screen
+    assert im.std() > 4.0  # not a blank canvas
+    # nodes, text and links are drawn lighter than the canvas background
     assert (im > np.median(im) + 20).mean() > 0.01
+
+
+def _schema_inputs(prompt):
+    """Inputs the backend reads: the frontend also sends values of its own extra widgets
+    (e.g. a refresh button), which the backend ignores."""
+    out = {}
+    for node_id, node in prompt.items():
+        schema = nodes.NODE_CLASS_MAPPINGS[node["class_type"]].INPUT_TYPES()
+        names = set(schema.get("required") or {}) | set(schema.get("optional") or {})
+        out[node_id] = (node["class_type"], {k: v for k, v in node["inputs"].items() if k in names})
+    return out
+
+
+FRONTEND_TEMPLATES = ["default", "image2image", "lora", "hiresfix_latent_workflow", "inpaint_example",
+                      "image_qwen_image_instantx_controlnet", "flux_kontext_dev_basic"]
+
+
+def test_conversion_matches_the_frontend(frontend):
+    """ui_to_api gives what the frontend's own graphToPrompt sends, on built-in graphs, host
+    templates (bypassed nodes, groups, subgraphs) and every workflow this pack ships."""
+    render_previews, page = frontend
+    cases = {"invert": invert_workflow(), "routing": routing_workflow()}
+    templates = None
+    with contextlib.suppress(ImportError):
+        import comfyui_workflow_templates as templates
+    for name in FRONTEND_TEMPLATES if templates else []:
+        path = Path(templates.get_templates_path()) / f"{name}.json"
+        if path.is_file():
+            cases[name] = json.loads(path.read_text(encoding="utf-8"))
+    for path in sorted((PACK_DIR / "workflows").glob("*.json")):
+        cases[f"workflows/{path.name}"] = json.loads(path.read_text(encoding="utf-8"))
+    assert len(cases) >= 4
+    for name, data in cases.items():
+        expected = _schema_inputs(render_previews.frontend_prompt(page, data))
+        assert _schema_inputs(wf.ui_to_api(data, nodes.NODE_CLASS_MAPPINGS)) == expected, name
