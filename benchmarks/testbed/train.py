@@ -1,0 +1,250 @@
+"""Data and from-scratch training of the testbed's :class:`~benchmarks.testbed.model.TinyLDM`.
+
+Data: scikit-image's ``lfw_subset()`` (100 grayscale LFW faces + 100
+non-face background crops, 25x25, no identity labels), upsampled to
+``size`` px and replicated to RGB. The last :data:`NUM_SUBJECTS` faces are
+held out of training: each is a customization *subject*, and its "photos"
+are :func:`subject_views` (flips and small zoom/shift re-crops of the face),
+since the subset has one photo per person.
+
+Training is two stages, as for Stable Diffusion: the VAE (MSE + a small KL
+term; the latent is then scaled to unit variance), then the UNet on frozen
+latents (ε-prediction, SD scaled-linear schedule, uniform timesteps, EMA).
+Weights are cached as safetensors keyed by the training config, so a second
+run loads them in a second.
+
+Run ``python -m benchmarks.testbed.train`` to (re)train and print timings.
+"""
+from __future__ import annotations
+
+import argparse
+import copy
+import hashlib
+import json
+import math
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import torch
+from torch.nn import functional as F
+
+from antipure_core.diffusion import q_sample, randn_like, sample_timesteps
+
+from .model import CLASS_TOKENS, NUM_CLASS_TOKENS, TinyLDM
+
+CACHE_DIR = Path(__file__).resolve().parent / "cache"
+NUM_FACES = 100
+#: faces held out of base training as customization subjects
+NUM_SUBJECTS = 8
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    size: int = 32
+    vae_steps: int = 1500
+    vae_batch: int = 16
+    #: random crop side for VAE training (the VAE has no normalisation layers, so crops are valid inputs);
+    #: full images drift less under repeated round trips than 16 px crops did, so full images by default
+    vae_crop: int = 32
+    vae_lr: float = 2e-3
+    kl_weight: float = 1e-4
+    #: weight of the round-trip term |D(E(sg(D(E(x))))) - x|², which keeps repeated purification from drifting
+    vae_roundtrip: float = 1.0
+    unet_steps: int = 3000
+    unet_batch: int = 64
+    unet_lr: float = 1e-3
+    ema: float = 0.999
+    p_drop_identity: float = 0.3
+    p_drop_all: float = 0.1
+    vae_ch: int = 16
+    unet_ch: int = 32
+    token_dim: int = 32
+    seed: int = 0
+
+    def key(self) -> str:
+        return hashlib.sha1(json.dumps(asdict(self), sort_keys=True).encode()).hexdigest()[:10]
+
+
+def _to_rgb(gray: torch.Tensor, size: int) -> torch.Tensor:
+    """``(N, 25, 25)`` in [0, 1] -> ``(N, 3, size, size)`` on the 8-bit grid."""
+    x = F.interpolate(gray[:, None].float(), size=(size, size), mode="bicubic", align_corners=False, antialias=True)
+    return (x.clamp(0, 1) * 255).round().div(255).expand(-1, 3, -1, -1).contiguous()
+
+
+def _lfw() -> torch.Tensor:
+    from skimage.data import lfw_subset  # bundled with scikit-image, no download
+    return torch.from_numpy(lfw_subset()).float()
+
+
+def load_training_set(size: int = 32) -> tuple[torch.Tensor, torch.Tensor]:
+    """Training images ``(N, 3, size, size)`` and class labels ``(N,)`` (1 person, 2 background).
+
+    Faces ``0 .. NUM_FACES - NUM_SUBJECTS - 1`` and all non-faces; the held-out subjects are excluded.
+    """
+    raw = _lfw()
+    keep = list(range(NUM_FACES - NUM_SUBJECTS)) + list(range(NUM_FACES, raw.shape[0]))
+    labels = torch.tensor([CLASS_TOKENS["person"] if i < NUM_FACES else CLASS_TOKENS["background"] for i in keep])
+    return _to_rgb(raw[keep], size), labels
+
+
+def subject_views(subject: int, size: int = 32, n: int = 4) -> torch.Tensor:
+    """``n`` "photos" ``(n, 3, size, size)`` of held-out subject ``subject`` in [0, NUM_SUBJECTS).
+
+    View k is the face flipped (odd k) and re-cropped with a small zoom and
+    shift, so the photos differ the way a few snapshots of one person do at
+    25 px, without inventing new faces.
+    """
+    if not 0 <= subject < NUM_SUBJECTS:
+        raise ValueError(f"subject: must be in [0, {NUM_SUBJECTS}), got {subject}")
+    face = _lfw()[NUM_FACES - NUM_SUBJECTS + subject][None, None]
+    views = []
+    for k in range(n):
+        zoom = 1.0 - 0.06 * (k % 3)
+        dx, dy = [(0, 0), (0.05, -0.03), (-0.04, 0.04), (0.03, 0.05)][k % 4]
+        theta = torch.tensor([[[zoom, 0, dx], [0, zoom, dy]]], dtype=torch.float32)
+        grid = F.affine_grid(theta, (1, 1, 25, 25), align_corners=False)
+        v = F.grid_sample(face, grid, mode="bicubic", padding_mode="border", align_corners=False)[0, 0]
+        views.append(v.flip(-1) if k % 2 else v)
+    return _to_rgb(torch.stack(views).clamp(0, 1), size)
+
+
+def _log(msg: str, verbose: bool) -> None:
+    if verbose:
+        print(msg, flush=True)
+
+
+def train_vae(model: TinyLDM, x: torch.Tensor, cfg: TrainConfig, verbose: bool = True) -> dict:
+    """Train ``model.vae`` on images ``x`` (with flips); then set ``scale_factor`` to 1 / std of the latent means."""
+    g = torch.Generator().manual_seed(cfg.seed)
+    opt = torch.optim.Adam(model.vae.parameters(), lr=cfg.vae_lr)
+    sched = torch.optim.lr_scheduler.OneCycleLR(opt, cfg.vae_lr, total_steps=cfg.vae_steps, pct_start=0.05)
+    model.vae.train()
+    for i in range(cfg.vae_steps):
+        idx = torch.randint(0, x.shape[0], (cfg.vae_batch,), generator=g)
+        c = min(cfg.vae_crop, x.shape[-1])
+        oy, ox = torch.randint(0, x.shape[-1] - c + 1, (2,), generator=g).tolist()
+        xb = x[idx, :, oy:oy + c, ox:ox + c] * 2 - 1
+        flip = torch.rand(cfg.vae_batch, generator=g) < 0.5
+        xb = torch.where(flip[:, None, None, None], xb.flip(-1), xb)
+        mean, logvar = model.vae.moments(xb)
+        z = mean + (0.5 * logvar).exp() * torch.randn(mean.shape, generator=g)
+        out = model.vae.reconstruct(z)
+        rec = F.mse_loss(out, xb) + 0.1 * F.l1_loss(out, xb)  # a little L1 for sharper edges
+        kl = 0.5 * (mean.square() + logvar.exp() - 1 - logvar).mean()
+        loss = rec + cfg.kl_weight * kl
+        if cfg.vae_roundtrip:
+            again = model.vae.reconstruct(model.vae.moments(out.detach().clamp(-1, 1))[0])
+            loss = loss + cfg.vae_roundtrip * F.mse_loss(again, xb)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        sched.step()
+        if i % 250 == 0 or i == cfg.vae_steps - 1:
+            _log(f"  vae step {i:5d}  mse {rec.item():.5f}  kl {kl.item():.3f}", verbose)
+    model.vae.eval()
+    with torch.no_grad():
+        mean = torch.cat([model.vae.moments(x[k:k + 64] * 2 - 1)[0] for k in range(0, x.shape[0], 64)])
+        model.scale_factor.fill_(1.0 / float(mean.std()))
+        recon = model.decode(model.encode(x)).clamp(0, 1)
+        psnr = float(-10 * torch.log10(F.mse_loss(recon, x)))
+    return {"vae_psnr_db": round(psnr, 2), "scale_factor": round(float(model.scale_factor), 4)}
+
+
+def train_unet(model: TinyLDM, x: torch.Tensor, labels: torch.Tensor, cfg: TrainConfig,
+               verbose: bool = True) -> dict:
+    """Train ``model.unet`` and the token table on frozen latents of ``x`` (and their flips); EMA weights kept."""
+    g = torch.Generator().manual_seed(cfg.seed + 1)
+    with torch.no_grad():
+        z = torch.cat([model.encode(torch.cat([x, x.flip(-1)])[k:k + 64]) for k in range(0, 2 * x.shape[0], 64)])
+    n = x.shape[0]
+    cls = torch.cat([labels, labels])
+    ident = torch.arange(n).repeat(2) + NUM_CLASS_TOKENS
+    params = list(model.unet.parameters()) + list(model.embed.parameters())
+    opt = torch.optim.AdamW(params, lr=cfg.unet_lr, weight_decay=0.0)
+    warm = 200
+    sched = torch.optim.lr_scheduler.LambdaLR(
+        opt, lambda i: min(1.0, (i + 1) / warm) * 0.5 * (1 + math.cos(math.pi * min(i, cfg.unet_steps) / cfg.unet_steps)))
+    ema = [p.detach().clone() for p in params]
+    model.unet.train()
+    running = None
+    for i in range(cfg.unet_steps):
+        idx = torch.randint(0, z.shape[0], (cfg.unet_batch,), generator=g)
+        ids = torch.stack([cls[idx], ident[idx]], 1)
+        u = torch.rand(cfg.unet_batch, 2, generator=g)
+        ids[:, 1] = torch.where(u[:, 0] < cfg.p_drop_identity, CLASS_TOKENS["null"], ids[:, 1])
+        ids = torch.where((u[:, 1] < cfg.p_drop_all)[:, None], CLASS_TOKENS["null"], ids)
+        tokens = model.embed(ids)
+        t = sample_timesteps(cfg.unet_batch, 0, model.num_timesteps - 1, g)
+        noise = randn_like(z[idx], g)
+        eps = model.unet(q_sample(model, z[idx], t, noise), t, tokens)
+        loss = F.mse_loss(eps, noise)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(params, 1.0)
+        opt.step()
+        sched.step()
+        with torch.no_grad():
+            for e, p in zip(ema, params):
+                e.lerp_(p, 1 - cfg.ema)
+        running = loss.item() if running is None else 0.98 * running + 0.02 * loss.item()
+        if i % 500 == 0 or i == cfg.unet_steps - 1:
+            _log(f"  unet step {i:5d}  loss(ema) {running:.4f}", verbose)
+    with torch.no_grad():
+        for e, p in zip(ema, params):
+            p.copy_(e)
+    model.unet.eval()
+    return {"unet_loss": round(running, 4)}
+
+
+def build_model(cfg: TrainConfig, cache_dir: Path | str | None = CACHE_DIR, verbose: bool = True,
+                force: bool = False) -> tuple[TinyLDM, dict]:
+    """The trained testbed model (frozen, eval mode) and its training info; trains and caches on first use."""
+    from safetensors.torch import load_file, save_file
+
+    n_train = (NUM_FACES - NUM_SUBJECTS) + NUM_FACES
+    torch.manual_seed(cfg.seed)
+    model = TinyLDM(num_identities=n_train, token_dim=cfg.token_dim, vae_ch=cfg.vae_ch, unet_ch=cfg.unet_ch)
+    path = info_path = None
+    if cache_dir is not None:
+        path = Path(cache_dir) / f"tinyldm-{cfg.size}px-{cfg.key()}.safetensors"
+        info_path = path.with_suffix(".json")
+    if path is not None and path.exists() and not force:
+        model.load_state_dict(load_file(str(path)))
+        info = json.loads(info_path.read_text()) if info_path.exists() else {}
+        info["cached"] = True
+        _log(f"loaded cached model {path.name}", verbose)
+        return model.eval().requires_grad_(False), info
+    x, labels = load_training_set(cfg.size)
+    _log(f"training TinyLDM from scratch on {x.shape[0]} images at {cfg.size}px "
+         f"({sum(p.numel() for p in model.parameters()) / 1e6:.2f} M parameters)", verbose)
+    t0 = time.perf_counter()
+    info = train_vae(model, x, cfg, verbose)
+    info["vae_seconds"] = round(time.perf_counter() - t0, 1)
+    t1 = time.perf_counter()
+    info.update(train_unet(model, x, labels, cfg, verbose))
+    info["unet_seconds"] = round(time.perf_counter() - t1, 1)
+    info["config"] = asdict(cfg)
+    _log(f"trained: {info}", verbose)
+    if path is not None:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(path))
+        info_path.write_text(json.dumps(info, indent=1))
+    info["cached"] = False
+    return model.eval().requires_grad_(False), info
+
+
+def main(argv=None) -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--size", type=int, default=32)
+    ap.add_argument("--vae-steps", type=int, default=TrainConfig.vae_steps)
+    ap.add_argument("--unet-steps", type=int, default=TrainConfig.unet_steps)
+    ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--force", action="store_true", help="retrain even if cached")
+    a = ap.parse_args(argv)
+    torch.set_num_threads(a.threads)
+    build_model(TrainConfig(size=a.size, vae_steps=a.vae_steps, unet_steps=a.unet_steps), force=a.force)
+
+
+if __name__ == "__main__":
+    main()
