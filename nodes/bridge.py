@@ -36,7 +36,7 @@ from .comfy_host import sampler_helpers, samplers
 
 SUPPORTED = "SD1.x, SD2.x and SDXL"
 _LATENT_FORMATS = (latent_formats.SD15, latent_formats.SDXL)
-_MODEL_TYPES = (model_base.ModelType.EPS, model_base.ModelType.V_PREDICTION)
+# judged on the model sampling in use (a ModelSampling* node may have patched it), not on model.model_type
 _DENOISERS = (model_sampling.EPS.calculate_denoised, model_sampling.V_PREDICTION.calculate_denoised)
 # conditioning features that need models or state this bridge does not load
 _UNSUPPORTED_COND_KEYS = ("control", "gligen", "hooks")
@@ -59,9 +59,10 @@ def check_supported(model: Any) -> None:
     why = None
     if type(latent) not in _LATENT_FORMATS:
         why = f"its latent format is {type(latent).__name__}"
-    elif base.model_type not in _MODEL_TYPES or not isinstance(sampling, model_sampling.ModelSamplingDiscrete) \
+    elif not isinstance(sampling, model_sampling.ModelSamplingDiscrete) \
             or type(sampling).calculate_denoised not in _DENOISERS:
-        why = (f"it predicts {base.model_type.name} with {type(sampling).__mro__[1].__name__}; "
+        kinds = " + ".join(k.__name__ for k in type(sampling).__mro__[1:3])
+        why = (f"it samples with {kinds} (model type {base.model_type.name}); "
                "only ε or v prediction on a discrete schedule works")
     elif base.model_config.unet_config.get("in_channels", 4) != 4:
         why = "its UNet takes extra input channels (inpainting / instruct-pix2pix)"

@@ -84,6 +84,7 @@ def boot(root: Path) -> Host:
         import comfy.model_management  # noqa: F401
         import nodes
     except Exception as e:
+        sys.path.remove(str(root))
         raise RuntimeError(f"ComfyUI at {root} cannot be imported: {e!r}") from e
 
     async def _load() -> bool:

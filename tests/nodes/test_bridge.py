@@ -148,25 +148,37 @@ def test_alphas_cumprod_is_the_host_schedule(loaded, bridge, diffusion):
         torch.testing.assert_close(ab, diffusion.linear_alphas_cumprod(), rtol=1e-5, atol=1e-6)
 
 
-@pytest.mark.parametrize("t", [30, 700])
-def test_predict_noise_matches_host_denoiser(loaded, bridge, diffusion, t):
-    """One Euler step from sigma_t to 0 in the host's sampler returns its denoised x0; the bridge agrees."""
-    family, model, vae, positive = loaded
+def _assert_matches_host_denoiser(bridge, diffusion, model, vae, positive, t: int):
+    """One Euler step from sigma_t to 0 in the host's sampler returns its denoised x0; the bridge must agree."""
     gen = torch.Generator().manual_seed(t)
     z0 = torch.randn(1, 4, SIZE // 8, SIZE // 8, generator=gen)
     noise = torch.randn(z0.shape, generator=gen)
     tt = torch.tensor([t])
     with torch.inference_mode():
         with bridge.session(model, vae, positive) as dm:
-            eps = dm.predict_noise(diffusion.q_sample(dm, z0, tt, noise), tt, positive)
-            x0_bridge = diffusion.predict_x0(dm, diffusion.q_sample(dm, z0, tt, noise), tt, eps).detach()
+            z_t = diffusion.q_sample(dm, z0, tt, noise)
+            x0_bridge = diffusion.predict_x0(dm, z_t, tt, dm.predict_noise(z_t, tt, positive)).detach()
         sigma = model.get_model_object("model_sampling").sigma(tt.float())
-        raw = model.get_model_object("latent_format").process_out(z0)
+        latent_format = model.get_model_object("latent_format")
         out = comfy.sample.sample_custom(model, noise, 1.0, comfy.samplers.sampler_object("euler"),
-                                         torch.cat([sigma, sigma.new_zeros(1)]), positive, positive, raw,
-                                         disable_pbar=True, seed=0)
-        x0_host = model.get_model_object("latent_format").process_in(out)
+                                         torch.cat([sigma, sigma.new_zeros(1)]), positive, positive,
+                                         latent_format.process_out(z0), disable_pbar=True, seed=0)
+        x0_host = latent_format.process_in(out)
     torch.testing.assert_close(x0_bridge, x0_host, rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("t", [30, 700])
+def test_predict_noise_matches_host_denoiser(loaded, bridge, diffusion, t):
+    family, model, vae, positive = loaded
+    _assert_matches_host_denoiser(bridge, diffusion, model, vae, positive, t)
+
+
+def test_sampling_patched_to_v_prediction_is_followed(bridge, diffusion, tiny_model, encode_text):
+    """An SD1.x v-model needs the ModelSamplingDiscrete node; the bridge uses the patched sampling."""
+    model, clip, vae = tiny_model("sd15")
+    patched = ModelSamplingDiscrete().patch(model, "v_prediction", False)[0]
+    bridge.check_supported(patched)
+    _assert_matches_host_denoiser(bridge, diffusion, patched, vae, encode_text(clip), 400)
 
 
 def test_predict_noise_broadcasts_cond_and_timesteps(loaded, bridge):
@@ -180,6 +192,20 @@ def test_predict_noise_broadcasts_cond_and_timesteps(loaded, bridge):
     assert both.shape == z.shape == same_t.shape
     torch.testing.assert_close(both, torch.cat([first, second]), rtol=1e-4, atol=1e-5)
     assert not torch.equal(both[0], same_t[0])   # each sample gets its own timestep
+
+
+def test_combined_conditioning_averages_like_the_host(bridge, tiny_model, encode_text):
+    """ConditioningCombine: the host averages the entries' denoised x0, so ε̂ is the mean of the ε̂s."""
+    model, clip, vae = tiny_model("sd15")
+    a, b = encode_text(clip, "a photo of sks person"), encode_text(clip, "an oil painting")
+    with torch.inference_mode():
+        both = nodes.ConditioningCombine().combine(a, b)[0]
+    z = torch.randn(1, 4, SIZE // 8, SIZE // 8, generator=torch.Generator().manual_seed(5))
+    t = torch.tensor([250])
+    with torch.inference_mode(), bridge.session(model, vae, a) as dm:
+        eps_a, eps_b, eps_ab = dm.predict_noise(z, t, a), dm.predict_noise(z, t, b), dm.predict_noise(z, t, both)
+    assert not torch.allclose(eps_a, eps_b)
+    torch.testing.assert_close(eps_ab, (eps_a + eps_b) / 2, rtol=1e-4, atol=1e-5)
 
 
 # --- bad input ------------------------------------------------------------------------------------------------
@@ -296,3 +322,10 @@ def test_graph_runner_interrupt_and_errors(graph, tiny_checkpoint):
     assert not comfy.model_management.processing_interrupted()
     bad = graph.run(_txt2img("missing.safetensors", steps=1))
     assert not bad.ok and bad.validation is not None and "missing.safetensors" in bad.error
+
+
+def test_progress_fixture_records_host_progress(progress):
+    bar = comfy.utils.ProgressBar(3, node_id="7")
+    bar.update_absolute(1)
+    bar.update(1)
+    assert progress == [("7", 1, 3), ("7", 2, 3)]
