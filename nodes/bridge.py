@@ -61,7 +61,7 @@ def check_supported(model: Any) -> None:
         why = f"its latent format is {type(latent).__name__}"
     elif not isinstance(sampling, model_sampling.ModelSamplingDiscrete) \
             or type(sampling).calculate_denoised not in _DENOISERS:
-        kinds = " + ".join(k.__name__ for k in type(sampling).__mro__[1:3])
+        kinds = " + ".join(k.__name__ for k in type(sampling).__bases__)
         why = (f"it samples with {kinds} (model type {base.model_type.name}); "
                "only ε or v prediction on a discrete schedule works")
     elif base.model_config.unet_config.get("in_channels", 4) != 4:

@@ -221,6 +221,7 @@ def _meta_model(config_cls, **unet_config):
     pytest.param(lambda m: _meta_model(sm.Flux, in_channels=16, image_model="flux"), id="flux"),
     pytest.param(lambda m: _meta_model(sm.SVD_img2vid, in_channels=8), id="svd-video"),
     pytest.param(lambda m: _meta_model(sm.SD_X4Upscaler, in_channels=7), id="x4-upscaler"),
+    pytest.param(lambda m: _meta_model(sm.SD15, in_channels=9), id="sd15-inpainting"),
     pytest.param(lambda m: ModelSamplingSD3().patch(m, 3.0)[0], id="sd15-with-flow-sampling"),
     pytest.param(lambda m: ModelSamplingDiscrete().patch(m, "x0", False)[0], id="sd15-with-x0-sampling"),
 ])
