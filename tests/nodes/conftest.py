@@ -2,7 +2,9 @@
 
 Without a host every test file here reports one skipped test saying why
 (``COMFYUI_PATH`` unset, torch or ComfyUI not importable). Test modules may
-import host modules at top level: they are only imported when the host booted.
+import host modules at top level: they are only imported when the host booted,
+which happens while pytest collects this folder (so in a run over all of
+``tests/``, ``comfy`` is imported before the core tests run).
 
 Fixtures (session-scoped unless noted):
 
@@ -11,10 +13,11 @@ Fixtures (session-scoped unless noted):
 * ``models_dir``: the temporary folder registered as the host's checkpoints
   folder; ``tiny_checkpoint(family)`` builds ``tiny_<family>.safetensors``
   there on first use and returns the name ``CheckpointLoaderSimple`` takes
-  (families: ``sd15``, ``sd20v``, ``sdxl``); ``tiny_model(family)`` returns
-  ``(MODEL, CLIP, VAE)`` loaded once by ``CheckpointLoaderSimple`` under
-  ``torch.inference_mode()`` as the executor runs nodes; ``encode_text(clip,
-  text)`` returns a CONDITIONING.
+  (families: ``sd15``, ``sd20v``, ``sdxl``; image sides multiples of 16 px);
+  ``tiny_model(family)`` returns ``(MODEL, CLIP, VAE)`` loaded once by
+  ``CheckpointLoaderSimple`` under ``torch.inference_mode()`` as the executor
+  runs nodes (shared by all tests: patch a ``model.clone()``, never the
+  object); ``encode_text(clip, text)`` returns a CONDITIONING.
 * ``output_dir``: the host's output folder, a temporary folder.
 * ``graph``: a :class:`tests.nodes.graph.GraphRunner` (function scope, fresh
   cache each test); ``GraphBuilder`` comes from ``tests.nodes.graph``.
