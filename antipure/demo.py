@@ -1,0 +1,70 @@
+"""``python -m antipure demo``: the stress-test workflow end to end on a random-weight demo checkpoint.
+
+A plumbing demo, not a protection result: the checkpoint has the SD1.5 layout
+(so the unmodified host loads it) but random weights, built locally in a few
+seconds. It shows every node running — protect, three purifiers, LoRA
+customization, generation, evaluation — and writes the report and the
+comparison strip. With a real checkpoint, use ``python -m antipure run``.
+"""
+from __future__ import annotations
+
+import argparse
+import asyncio
+import shutil
+from pathlib import Path
+
+from antipure import PACK_ROOT
+
+CHECKPOINT = "antipure_demo_random_sd15.safetensors"
+WORKFLOW = PACK_ROOT / "workflows" / "antipure_stress_test.json"
+SAMPLE = PACK_ROOT / "examples" / "sample_face.png"
+
+#: small settings so the whole graph runs on a CPU in a few minutes
+DEMO_SETTINGS = [
+    "checkpoint.ckpt_name=" + CHECKPOINT,
+    "Protect (antipure).steps=5", "Protect (antipure).alpha=2",
+    "purify diffpure.steps=10",
+    "purify gridpure.grid_window=64", "purify gridpure.grid_stride=32", "purify gridpure.grid_iterations=2",
+    "latent.width=64", "latent.height=64", "latent.batch_size=2",
+    *[f"customize {p}.steps=10" for p in ("diffpure", "gridpure", "jpeg")],
+    *[f"customize {p}.gradient_checkpointing=false" for p in ("diffpure", "gridpure", "jpeg")],
+    *[f"generate {p}.steps=4" for p in ("diffpure", "gridpure", "jpeg")],
+]
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m antipure demo", description=__doc__.splitlines()[0])
+    parser.add_argument("--out", default="antipure-demo", help="folder for the demo model, inputs and results")
+    parser.add_argument("--comfyui", help="ComfyUI folder (default: $COMFYUI_PATH or the pack's location)")
+    ns = parser.parse_args(argv)
+    from antipure import runner
+
+    out = Path(ns.out).resolve()
+    try:
+        comfy_root = runner.find_comfyui(ns.comfyui)
+        asyncio.run(runner.boot_host(comfy_root))
+    except runner.RunnerError as e:
+        print(f"error: {e}")
+        return e.code
+    ckpt = out / "models" / "checkpoints" / CHECKPOINT
+    if not ckpt.exists():
+        from antipure.random_checkpoint import save_checkpoint
+
+        print("building the random-weight demo checkpoint (SD1.5 layout; plumbing only) ...")
+        save_checkpoint(ckpt, "demo")
+    images = out / "images"
+    images.mkdir(parents=True, exist_ok=True)
+    shutil.copy(SAMPLE, images / SAMPLE.name)
+    args = ["run", str(WORKFLOW), "--images", str(images), "--out", str(out / "results"),
+            "--models", str(out / "models"), "--comfyui", str(comfy_root)]
+    for item in DEMO_SETTINGS:
+        args += ["--set", item]
+    code = runner.main(args)
+    if code == 0:
+        print(f"\nDemo finished (random weights: the numbers show the plumbing works, not protection "
+              f"efficacy). Results: {out / 'results'}")
+    return code
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
