@@ -1,0 +1,102 @@
+"""The shipped workflows: each converts to the host's API form and validates; the stress test runs end to end."""
+from __future__ import annotations
+
+import asyncio
+import csv
+import json
+import shutil
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from tests.nodes.host import PACK_DIR
+
+WORKFLOWS = sorted((PACK_DIR / "workflows").glob("*.json"))
+SAMPLE = PACK_DIR / "examples" / "sample_face.png"
+
+
+@pytest.fixture(scope="module")
+def prompt_for(host, tiny_checkpoint):
+    import nodes
+
+    fmt = host.pack_import("nodes.workflow_format")
+    runner = host.pack_import("nodes.runner")
+    ckpt = tiny_checkpoint("sd15")
+
+    def convert(path: Path, sets=()) -> dict:
+        prompt = fmt.load_prompt(path, nodes.NODE_CLASS_MAPPINGS)
+        for node in prompt.values():
+            if node["class_type"] == "CheckpointLoaderSimple":
+                node["inputs"]["ckpt_name"] = ckpt
+        return runner.apply_sets(prompt, sets, nodes.NODE_CLASS_MAPPINGS)
+    return convert
+
+
+def test_every_workflow_has_a_preview():
+    assert {p.stem for p in WORKFLOWS} >= {"antipure_protect", "antipure_stress_test", "antipure_baseline_comparison"}
+    for wf in WORKFLOWS:
+        preview = wf.with_suffix(".jpg")
+        assert preview.is_file(), f"{wf.name} has no preview {preview.name}: run scripts/render_previews.py"
+
+
+@pytest.mark.parametrize("workflow", WORKFLOWS, ids=[p.stem for p in WORKFLOWS])
+def test_workflow_converts_and_validates(host, prompt_for, workflow, tmp_path):
+    import folder_paths
+
+    runner = host.pack_import("nodes.runner")
+    prompt = prompt_for(workflow)
+    assert any(n["class_type"].startswith("AntiPure") for n in prompt.values())
+    previous = folder_paths.get_input_directory()
+    folder_paths.set_input_directory(str(tmp_path))
+    shutil.copy(SAMPLE, tmp_path / "example.png")
+    try:
+        problems, outputs = asyncio.run(runner.validate(prompt))
+    finally:
+        folder_paths.set_input_directory(previous)
+    assert problems == [] and outputs
+
+
+def test_workflow_build_script_is_in_sync(host):
+    """The committed JSON is what scripts/build_workflows.py writes for the current node schemas."""
+    import importlib.util
+
+    import nodes
+
+    spec = importlib.util.spec_from_file_location("build_workflows", PACK_DIR / "scripts" / "build_workflows.py")
+    build = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = build  # dataclasses resolve their module while the class is created
+    spec.loader.exec_module(build)
+    for name, make in build.WORKFLOWS.items():
+        fresh = build.to_ui(make(), nodes.NODE_CLASS_MAPPINGS)
+        shipped = json.loads((PACK_DIR / "workflows" / f"{name}.json").read_text())
+        assert fresh == shipped, f"workflows/{name}.json is stale: run scripts/build_workflows.py"
+
+
+def test_stress_test_runs_end_to_end(host, prompt_for, output_dir, tmp_path):
+    import nodes
+
+    runner = host.pack_import("nodes.runner")
+    from antipure.demo import DEMO_SETTINGS
+
+    sets = [s for s in DEMO_SETTINGS if not s.startswith("checkpoint.")]
+    sets += ["Protect (antipure).steps=2", "latent.width=32", "latent.height=32", "latent.batch_size=1"]
+    sets += [f"customize {p}.steps=3" for p in ("diffpure", "gridpure", "jpeg")]
+    sets += [f"generate {p}.steps=2" for p in ("diffpure", "gridpure", "jpeg")]
+    prompt = prompt_for(PACK_DIR / "workflows" / "antipure_stress_test.json", sets)
+    images = tmp_path / "images"
+    images.mkdir()
+    shutil.copy(SAMPLE, images / "face.png")
+    image_input = runner.find_image_inputs(prompt, nodes.NODE_CLASS_MAPPINGS)[0]
+    t0 = time.perf_counter()
+    results = asyncio.run(runner.run_batch(prompt, image_input, [images / "face.png"], tmp_path / "out",
+                                           progress=False))
+    elapsed = time.perf_counter() - t0
+    assert [r.status for r in results] == ["ok"], results[0].error
+    assert elapsed < 300
+    rows = list(csv.DictReader(open(tmp_path / "out" / "results.csv")))
+    assert len(rows) == 1 and rows[0]["status"] == "ok"
+    written = {p.name for p in (tmp_path / "out").rglob("*")}
+    assert any(n.endswith(".csv") and "stress_test" in n for n in written), written
+    assert any(n.endswith(".json") and "stress_test" in n for n in written), written
