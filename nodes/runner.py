@@ -4,9 +4,11 @@
 [--models DIR] [--cpu]`` boots ComfyUI in-process, loads this pack the way the
 host does, converts the workflow (UI or API format), and for every image sets
 the image-loading node, executes the prompt with ``execution.PromptExecutor``
-and writes the saved files to ``OUT/<image stem>/`` plus ``OUT/results.csv``
-(image, status, seconds, output files, and every STRING a node returned, such
-as a markdown or JSON report).
+(models stay loaded from one image to the next) and writes what the saving
+nodes save to ``OUT/<image stem>/`` plus ``OUT/results.csv`` (image, status,
+seconds, output files, and every STRING a node returned or showed, such as a
+markdown or JSON report). Models come from the host's own folders (and its
+``extra_model_paths.yaml``) and from ``--models``.
 
 Nothing from the workflow is evaluated: ``--set`` values are parsed as JSON or
 kept as plain strings.
@@ -38,8 +40,8 @@ from .workflow_format import WIDGET_TYPES, WorkflowError, load_prompt
 __all__ = [
     "EXIT_OK", "EXIT_FAILED", "EXIT_NO_HOST", "EXIT_BAD_WORKFLOW", "EXIT_NO_MODEL", "EXIT_NO_IMAGES",
     "RunnerError", "ImageResult", "find_comfyui", "boot_host", "load_pack", "add_models_dir",
-    "headless_server", "apply_sets", "find_image_inputs", "missing_models", "validate", "list_images", "BatchRunner", "run_batch",
-    "write_results_csv", "main",
+    "headless_server", "apply_sets", "find_image_inputs", "missing_models", "validate", "list_images",
+    "BatchRunner", "run_batch", "write_results_csv", "main",
 ]
 
 EXIT_OK, EXIT_FAILED, EXIT_NO_HOST, EXIT_BAD_WORKFLOW, EXIT_NO_MODEL, EXIT_NO_IMAGES = 0, 1, 2, 3, 4, 5
@@ -129,9 +131,13 @@ async def boot_host(comfy_root: Path, cpu: bool | None = None, verbose: bool = F
     if not verbose:  # the host warns about optional parts it cannot import (e.g. torchaudio)
         logging.getLogger().setLevel(logging.ERROR)
     try:
-        import utils.extra_config  # noqa: F401 - bind `utils` to the host's package before nodes.py shadows it
+        import utils.extra_config  # bind `utils` to the host's package before nodes.py shadows it
         import utils.install_util  # noqa: F401
         import nodes
+
+        extra = comfy_root / "extra_model_paths.yaml"  # as main.py does
+        if extra.is_file():
+            utils.extra_config.load_extra_path_config(str(extra))
 
         await nodes.init_extra_nodes(init_custom_nodes=False, init_api_nodes=False)
     finally:
@@ -149,23 +155,29 @@ async def load_pack(pack_dir: Path = PACK_ROOT) -> bool:
 
 
 def add_models_dir(models_dir: str | os.PathLike) -> list[str]:
-    """Register a models folder laid out like ``ComfyUI/models`` (``checkpoints/``, ``loras/`` ...).
+    """Register a models folder laid out like ``ComfyUI/models`` (``checkpoints/``, ``loras/``,
+    ``unet/`` ...), in front of the host's own. Model files directly in it count as checkpoints.
 
-    Model files directly in the folder count as checkpoints. Returns the registered kinds.
+    Returns the registered kinds.
     """
     import folder_paths
 
     models_dir = Path(models_dir).resolve()
+    host_models = Path(folder_paths.models_dir)
     kinds = []
-    for kind in list(folder_paths.folder_names_and_paths):
-        if (models_dir / kind).is_dir():
-            folder_paths.add_model_folder_path(kind, str(models_dir / kind), is_default=True)
-            kinds.append(kind)
-    exts = folder_paths.supported_pt_extensions
-    if any(p.suffix in exts for p in models_dir.iterdir() if p.is_file()):
+    for kind, (paths, _exts) in list(folder_paths.folder_names_and_paths.items()):
+        if kind == "custom_nodes":
+            continue
+        # the folder names the host itself uses for this kind (e.g. "unet" for diffusion_models)
+        names = dict.fromkeys([kind] + [Path(p).name for p in paths if Path(p).parent == host_models])
+        for name in names:
+            if (models_dir / name).is_dir():
+                folder_paths.add_model_folder_path(kind, str(models_dir / name), is_default=True)
+                kinds.append(kind)
+    if any(p.suffix in folder_paths.supported_pt_extensions for p in models_dir.iterdir() if p.is_file()):
         folder_paths.add_model_folder_path("checkpoints", str(models_dir), is_default=True)
         kinds.append("checkpoints")
-    return kinds
+    return list(dict.fromkeys(kinds))
 
 
 # --- prompt editing and checks --------------------------------------------------------------
@@ -535,7 +547,7 @@ async def _run(ns: argparse.Namespace) -> int:
     import nodes
 
     try:
-        prompt = load_prompt(workflow, nodes.NODE_CLASS_MAPPINGS)
+        prompt = load_prompt(workflow, nodes.NODE_CLASS_MAPPINGS, display_names=nodes.NODE_DISPLAY_NAME_MAPPINGS)
         apply_sets(prompt, ns.sets, nodes.NODE_CLASS_MAPPINGS)
     except WorkflowError as e:
         raise RunnerError(EXIT_BAD_WORKFLOW, f"invalid workflow {workflow}: {e}") from None

@@ -87,7 +87,7 @@ def _widget_type(type_: Any, opts: dict) -> str | None:
     return wt if isinstance(wt, str) and wt in WIDGET_TYPES else None
 
 
-def widget_slots(input_types: Mapping[str, Mapping[str, Any]]) -> list[str | None]:
+def widget_slots(input_types: Mapping[str, Mapping[str, Any]], legacy_force_input: bool = False) -> list[str | None]:
     """Names of the frontend's widgets for a node schema, in ``widgets_values`` order.
 
     ``None`` marks a slot whose value is not an input: the ``control_after_generate``
@@ -98,6 +98,8 @@ def widget_slots(input_types: Mapping[str, Mapping[str, Any]]) -> list[str | Non
 
     Args:
         input_types: ``INPUT_TYPES()`` of a node class (``required``/``optional`` dicts).
+        legacy_force_input: the layout frontends before 1.16 saved, where a ``forceInput``
+            widget-type input still kept a (dummy) value.
 
     Returns:
         One entry per element of the node's ``widgets_values`` list.
@@ -107,11 +109,13 @@ def widget_slots(input_types: Mapping[str, Mapping[str, Any]]) -> list[str | Non
         upload = False
         for name, spec in (input_types.get(section) or {}).items():
             type_, opts = _spec(spec)
-            if opts.get("forceInput") or (section == "optional" and opts.get("defaultInput")):
-                continue  # socket only, no widget
             wt = _widget_type(type_, opts)
             if wt is None:
                 continue
+            if opts.get("forceInput") or (section == "optional" and opts.get("defaultInput")):
+                if legacy_force_input:
+                    slots.append(None)
+                continue  # socket only, no widget
             slots.append(name)
             cag = opts.get("control_after_generate")
             if wt == "INT" and (cag if cag is not None else name in ("seed", "noise_seed")):
@@ -137,26 +141,6 @@ def _widget_default(type_: Any, opts: dict) -> Any:
         choices = type_ if isinstance(type_, (list, tuple)) else opts.get("options") or []
         return choices[0] if choices else None
     return {"INT": 0, "FLOAT": 0.0, "STRING": "", "BOOLEAN": False}.get(wt)
-
-
-def _legacy_force_input_slots(input_types: Mapping[str, Mapping[str, Any]]) -> list[str | None] | None:
-    """Slots as frontends before 1.16 saved them: forceInput inputs kept a dummy widget value."""
-    slots: list[str | None] = []
-    found = False
-    for section in ("required", "optional"):
-        for name, spec in (input_types.get(section) or {}).items():
-            type_, opts = _spec(spec)
-            if _widget_type(type_, opts) is None:
-                continue
-            if opts.get("forceInput"):
-                found = True
-                slots.append(None)
-                continue
-            slots.append(name)
-            cag = opts.get("control_after_generate")
-            if cag or (cag is None and name in ("seed", "noise_seed") and _widget_type(type_, opts) == "INT"):
-                slots.append(None)
-    return slots if found else None
 
 
 def process_dynamic_prompt(text: str, rng: random.Random) -> str:
@@ -237,8 +221,9 @@ class _Scope:
 
 
 class _Converter:
-    def __init__(self, workflow: dict, node_classes: Mapping[str, Any], rng: random.Random):
-        self.node_classes, self.rng = node_classes, rng
+    def __init__(self, workflow: dict, node_classes: Mapping[str, Any], rng: random.Random,
+                 display_names: Mapping[str, str]):
+        self.node_classes, self.rng, self.display_names = node_classes, rng, display_names
         defs = (workflow.get("definitions") or {}).get("subgraphs") or []
         self.subgraphs = {s["id"]: s for s in defs if isinstance(s, dict) and "id" in s}
         self.problems: list[str] = []
@@ -352,8 +337,8 @@ class _Converter:
             return {k: v for k, v in values.items() if k in names}
         values = list(values or [])
         slots = widget_slots(schema)
-        legacy = _legacy_force_input_slots(schema)
-        if legacy is not None and len(values) == len(legacy) != len(slots):
+        legacy = widget_slots(schema, legacy_force_input=True)
+        if len(values) == len(legacy) != len(slots):
             slots = legacy
         out = {}
         for name, value in zip(slots, values):
@@ -396,8 +381,8 @@ class _Converter:
             else:
                 inputs[name] = [resolved[1], resolved[2]]
         entry = {"class_type": class_type, "inputs": inputs}
-        title = node.get("title")
-        entry["_meta"] = {"title": title if title else class_type}
+        title = node.get("title") or self.display_names.get(class_type) or class_type
+        entry["_meta"] = {"title": title}
         out[exec_id] = entry
 
     def convert_scope(self, scope: _Scope, out: dict) -> None:
@@ -416,7 +401,7 @@ class _Converter:
 
 
 def ui_to_api(workflow: dict, node_classes: Mapping[str, Any] | None = None,
-              rng: random.Random | None = None) -> dict[str, dict]:
+              rng: random.Random | None = None, display_names: Mapping[str, str] | None = None) -> dict[str, dict]:
     """Convert a UI-format workflow into an API prompt, as the frontend does when queueing.
 
     Widget values are mapped to input names in schema order (``required`` then
@@ -432,6 +417,9 @@ def ui_to_api(workflow: dict, node_classes: Mapping[str, Any] | None = None,
         node_classes: class_type -> node class with ``INPUT_TYPES()``; default: the host's
             ``nodes.NODE_CLASS_MAPPINGS`` (the host must be importable and booted).
         rng: draws the ``{a|b}`` dynamic-prompt choices; default ``random.Random(0)``.
+        display_names: class_type -> display name, the title of a node the user did not rename;
+            default: the host's ``nodes.NODE_DISPLAY_NAME_MAPPINGS`` when ``node_classes`` is
+            the default too, else the class type.
 
     Returns:
         ``{node_id: {"class_type": str, "inputs": dict, "_meta": {"title": str}}}``.
@@ -446,7 +434,8 @@ def ui_to_api(workflow: dict, node_classes: Mapping[str, Any] | None = None,
         import nodes  # the host's nodes.py: the caller has put ComfyUI first on sys.path
 
         node_classes = nodes.NODE_CLASS_MAPPINGS
-    conv = _Converter(workflow, node_classes, rng or random.Random(0))
+        display_names = nodes.NODE_DISPLAY_NAME_MAPPINGS if display_names is None else display_names
+    conv = _Converter(workflow, node_classes, rng or random.Random(0), display_names or {})
     out: dict[str, dict] = {}
     conv.convert_scope(conv.root, out)
     if conv.problems:
@@ -460,7 +449,7 @@ def ui_to_api(workflow: dict, node_classes: Mapping[str, Any] | None = None,
 
 
 def load_prompt(source: str | Path | dict, node_classes: Mapping[str, Any] | None = None,
-                rng: random.Random | None = None) -> dict[str, dict]:
+                rng: random.Random | None = None, display_names: Mapping[str, str] | None = None) -> dict[str, dict]:
     """Read a workflow file (UI or API format) or dict and return an API prompt.
 
     Raises:
@@ -473,7 +462,7 @@ def load_prompt(source: str | Path | dict, node_classes: Mapping[str, Any] | Non
         except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
             raise WorkflowError(f"workflow: cannot read {source}: {e}") from None
     if is_ui_workflow(data):
-        return ui_to_api(data, node_classes, rng)
+        return ui_to_api(data, node_classes, rng, display_names)
     if is_api_prompt(data):
         return {str(k): dict(v) for k, v in data.items()}
     raise WorkflowError("workflow: neither the UI format ('nodes' + 'links') nor an API prompt "

@@ -180,6 +180,22 @@ def _screenshot(page, data: dict, width: int, height: int):
     return image.resize((width, height), Image.LANCZOS) if image.size != (width, height) else image
 
 
+def _launch(pw, profile: str, chromium: str, width: int, height: int, attempts: int = 3):
+    """Start Chromium; on a loaded machine its first start now and then never answers, so retry."""
+    from playwright.sync_api import Error as PlaywrightError
+
+    for attempt in range(attempts):
+        try:
+            return pw.chromium.launch_persistent_context(
+                profile, executable_path=chromium, args=CHROMIUM_ARGS, headless=True,
+                viewport={"width": width, "height": height}, device_scale_factor=1, timeout=90_000)
+        except PlaywrightError as e:
+            if attempt == attempts - 1:
+                raise PreviewError(f"Chromium ({chromium}) did not start: {str(e)[:500]}") from None
+            shutil.rmtree(profile, ignore_errors=True)
+            os.makedirs(profile, exist_ok=True)
+
+
 @contextlib.contextmanager
 def frontend_page(comfy_root: Path, chromium: str, width: int = 1280, height: int = 800):
     """The host's web frontend, served by its own server, open in headless Chromium.
@@ -193,9 +209,7 @@ def frontend_page(comfy_root: Path, chromium: str, width: int = 1280, height: in
         raise PreviewError("Playwright for Python is missing: pip install playwright "
                            "(the browser comes from the system: apt-get install chromium)", 2) from None
     with comfy_server(comfy_root) as url, sync_playwright() as pw, tempfile.TemporaryDirectory() as profile:
-        browser = pw.chromium.launch_persistent_context(
-            profile, executable_path=chromium, args=CHROMIUM_ARGS, headless=True,
-            viewport={"width": width, "height": height}, device_scale_factor=1, timeout=180_000)
+        browser = _launch(pw, profile, chromium, width, height)
         try:
             page = browser.new_page()
             errors: list[str] = []

@@ -364,6 +364,23 @@ def test_apply_sets_and_image_inputs():
     assert runner.find_image_inputs(prompt, nodes.NODE_CLASS_MAPPINGS) == [("1", "image")]
 
 
+def test_add_models_dir_uses_the_hosts_folder_names(tmp_path):
+    for sub in ("loras", "unet"):
+        (tmp_path / sub).mkdir()
+        (tmp_path / sub / f"{sub}_file.safetensors").write_bytes(b"")
+    (tmp_path / "flat.safetensors").write_bytes(b"")
+    try:
+        kinds = runner.add_models_dir(tmp_path)
+        assert set(kinds) == {"loras", "diffusion_models", "checkpoints"}
+        assert "loras_file.safetensors" in folder_paths.get_filename_list("loras")
+        assert "unet_file.safetensors" in folder_paths.get_filename_list("diffusion_models")  # legacy "unet/"
+        assert "flat.safetensors" in folder_paths.get_filename_list("checkpoints")
+    finally:  # leave the host's model folders as other tests expect them
+        for kind, path in [("loras", tmp_path / "loras"), ("diffusion_models", tmp_path / "unet"),
+                           ("checkpoints", tmp_path)]:
+            folder_paths.folder_names_and_paths[kind][0].remove(str(path))
+
+
 @pytest.fixture
 def three_images(tmp_path):
     folder = tmp_path / "images"
@@ -517,13 +534,14 @@ def test_render_previews_draws_a_workflow(frontend, tmp_path):
 
 
 def _schema_inputs(prompt):
-    """Inputs the backend reads: the frontend also sends values of its own extra widgets
-    (e.g. a refresh button), which the backend ignores."""
+    """Class, title and the inputs the backend reads: the frontend also sends values of its own
+    extra widgets (e.g. a refresh button), which the backend ignores."""
     out = {}
     for node_id, node in prompt.items():
         schema = nodes.NODE_CLASS_MAPPINGS[node["class_type"]].INPUT_TYPES()
         names = set(schema.get("required") or {}) | set(schema.get("optional") or {})
-        out[node_id] = (node["class_type"], {k: v for k, v in node["inputs"].items() if k in names})
+        out[node_id] = (node["class_type"], node["_meta"]["title"],
+                        {k: v for k, v in node["inputs"].items() if k in names})
     return out
 
 
@@ -548,4 +566,5 @@ def test_conversion_matches_the_frontend(frontend):
     assert len(cases) >= 4
     for name, data in cases.items():
         expected = _schema_inputs(render_previews.frontend_prompt(page, data))
-        assert _schema_inputs(wf.ui_to_api(data, nodes.NODE_CLASS_MAPPINGS)) == expected, name
+        mine = wf.ui_to_api(data, nodes.NODE_CLASS_MAPPINGS, display_names=nodes.NODE_DISPLAY_NAME_MAPPINGS)
+        assert _schema_inputs(mine) == expected, name
