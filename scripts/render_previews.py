@@ -76,6 +76,17 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
+def _pack_name(pack_dir: Path) -> str:
+    """The folder name a user's install has (the frontend shows it as the nodes' source badge):
+    the project name from pyproject.toml, else the checkout's folder name."""
+    try:
+        import tomllib
+
+        return tomllib.loads((pack_dir / "pyproject.toml").read_text(encoding="utf-8"))["project"]["name"]
+    except (ImportError, OSError, KeyError, ValueError):
+        return pack_dir.name
+
+
 @contextlib.contextmanager
 def comfy_server(comfy_root: Path, pack_dir: Path = PACK_ROOT, timeout: float = 180.0, log=None):
     """Run ComfyUI's ``main.py`` on a free loopback port with the pack linked into a temporary
@@ -83,7 +94,7 @@ def comfy_server(comfy_root: Path, pack_dir: Path = PACK_ROOT, timeout: float = 
     with tempfile.TemporaryDirectory(prefix="antipure-preview-") as base:
         base = Path(base)
         (base / "custom_nodes").mkdir()
-        os.symlink(pack_dir, base / "custom_nodes" / pack_dir.name, target_is_directory=True)
+        os.symlink(pack_dir, base / "custom_nodes" / _pack_name(pack_dir), target_is_directory=True)
         user = base / "user" / "default"
         user.mkdir(parents=True)
         (user / "comfy.settings.json").write_text(json.dumps(SETTINGS))
