@@ -364,6 +364,25 @@ def test_apply_sets_and_image_inputs():
     assert runner.find_image_inputs(prompt, nodes.NODE_CLASS_MAPPINGS) == [("1", "image")]
 
 
+def test_find_comfyui_from_env_or_the_packs_location(tmp_path, monkeypatch):
+    root = tmp_path / "ComfyUI"
+    (root / "comfy").mkdir(parents=True)
+    (root / "main.py").write_text("")
+    (root / "nodes.py").write_text("")
+    pack = root / "custom_nodes" / "comfyui-antipure"
+    pack.mkdir(parents=True)
+    monkeypatch.delenv("COMFYUI_PATH", raising=False)
+    assert runner.find_comfyui(start=pack) == root.resolve()
+    with pytest.raises(runner.RunnerError, match="set COMFYUI_PATH") as e:
+        runner.find_comfyui(start=tmp_path / "elsewhere")
+    assert e.value.code == runner.EXIT_NO_HOST
+    monkeypatch.setenv("COMFYUI_PATH", str(root))
+    assert runner.find_comfyui(start=tmp_path / "elsewhere") == root.resolve()
+    monkeypatch.setenv("COMFYUI_PATH", str(tmp_path / "nope"))
+    with pytest.raises(runner.RunnerError, match="Set COMFYUI_PATH"):
+        runner.find_comfyui(start=pack)
+
+
 def test_add_models_dir_uses_the_hosts_folder_names(tmp_path):
     for sub in ("loras", "unet"):
         (tmp_path / sub).mkdir()
