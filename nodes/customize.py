@@ -25,10 +25,9 @@ import math
 import torch
 
 from ..antipure_core.customize import Prior, as_image_batch, customize
-from . import bridge
+from . import bridge, lora_adapters
 from .comfy_host import io, model_sampling, ui
 from .images import to_core
-from . import lora_adapters
 from .lora_adapters import (TARGETS, attach_lora, lora_file_stem, lora_folder, lora_state_dict, save_lora,
                             target_keys, trainable_parameters)
 from .progress import host_callback
@@ -184,10 +183,12 @@ class AntiPureCustomize(io.ComfyNode):
         params = trainable_parameters(adapters)
         prediction = _prediction(model)
         train_mp = _training_clone(mp)
-        with bridge.session(train_mp, vae, positive) as dm, lora_adapters.gradient_checkpointing(train_mp, checkpointing):
+        callback = host_callback(steps, getattr(cls.hidden, "unique_id", None))  # None when called directly
+        with bridge.session(train_mp, vae, positive) as dm, \
+                lora_adapters.gradient_checkpointing(train_mp, checkpointing):
             losses = customize(dm, x, dm.cond, params, steps=steps, lr=lr, batch_size=batch_size,
                                grad_accum=grad_accum, prediction=prediction, prior=prior, generator=seed,
-                               callback=host_callback(steps, getattr(cls.hidden, "unique_id", None)))
+                               callback=callback)
         for p in params:
             p.requires_grad_(False)
 

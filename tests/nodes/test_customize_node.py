@@ -1,4 +1,4 @@
-"""AntiPureCustomize on the tiny SD1.x checkpoint: training, the saved LoRA in the host's loaders, graphs, cancel, errors."""
+"""AntiPureCustomize on tiny SD1.x / SD2.x (v) checkpoints: training, the saved LoRA, graphs, cancel, errors."""
 from __future__ import annotations
 
 import json
@@ -192,6 +192,19 @@ def test_prediction_follows_the_model_sampling(pack, tiny_model):
     with torch.inference_mode():
         as_v = ModelSamplingDiscrete().patch(model, "v_prediction", False)[0]
     assert pack[0]._prediction(as_v) == "v"
+
+
+def test_v_model_trains_on_the_v_loss(node, tiny_model, encode_text, loras_dir):
+    model, clip, vae = tiny_model("sd20v")
+    with torch.inference_mode():
+        out = node.execute(**node_args(model, vae, encode_text(clip), images=[host_image(h=32, w=32)], steps=1,
+                                       lora_name="v/sks"))
+    _, saved, loss = out.args
+    assert math.isfinite(loss["loss"][0])
+    with safetensors.safe_open(str(loras_dir / saved), "pt") as f:
+        assert json.loads(f.metadata()["antipure_customize"])["prediction"] == "v"
+        key_map = comfy.lora.model_lora_keys_unet(model.model, {})
+        assert all(key_map[k.rsplit(".", 2)[0]].endswith(ATTENTION) for k in f.keys() if k.endswith("up.weight"))
 
 
 def test_existing_file_is_never_overwritten(pack, loras_dir):
