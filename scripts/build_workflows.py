@@ -87,6 +87,8 @@ def stress_test_workflow() -> list[N]:
               {"clean": ("image", 0), "protected": ("protect", 0), "purified": (f"purify {name}", 0),
                "generated": (f"decode {name}", 0), "label": f"antipure+{name}",
                "filename_prefix": "antipure/stress_test"}),
+            N(f"save comparison {name}", "SaveImage", 8, {"images": (f"evaluate {name}", 1),
+                                                          "filename_prefix": f"antipure/comparison_{name}"}),
         ]
     return g
 
@@ -104,6 +106,9 @@ def baseline_comparison_workflow() -> list[N]:
               {"clean": ("image", 0), "protected": (key, 0), "purified": (f"purify {method}", 0),
                "label": method, "filename_prefix": "antipure/baseline_comparison", "faces": False}),
         ]
+    g.append(N("save comparison", "SaveImage", 5, {"images": ("evaluate random", 1),
+                                                   "filename_prefix": "antipure/baseline_comparison"},
+               title="Comparison plot (all methods so far)"))
     return g
 
 
