@@ -11,12 +11,14 @@ import comfy.model_base as model_base
 import comfy.model_management as model_management
 import comfy.model_patcher as model_patcher
 import comfy.model_sampling as model_sampling
+import comfy.sample as sample
 import comfy.sampler_helpers as sampler_helpers
 import comfy.samplers as samplers
 import comfy.utils as comfy_utils
 import comfy.weight_adapter as weight_adapter
 import comfy_extras.nodes_train as nodes_train
 import folder_paths
+from comfy_extras.nodes_upscale_model import ImageUpscaleWithModel
 from comfy_api.latest import ComfyExtension, io, ui
 
 __all__ = [
@@ -24,3 +26,4 @@ __all__ = [
     "model_base", "model_sampling", "latent_formats", "samplers", "sampler_helpers",
 ]
 __all__ += ["weight_adapter", "nodes_train"]
+__all__ += ["sample", "ImageUpscaleWithModel"]

@@ -179,12 +179,12 @@ class AntiPureEvaluate(io.ComfyNode):
         _check_inputs(host)
         images, notes = {}, []
         for name, image in host.items():
-            x, alpha = to_core(image, name)
+            x, alpha = to_core(image, name)  # metrics run on the CPU (numpy/dlib backends)
             if image.shape[-1] == 1:
                 notes.append(f"{name} is grayscale (replicated to RGB)")
             if alpha is not None:
                 notes.append(f"{name}'s alpha channel is ignored")
-            images[name] = x
+            images[name] = x.cpu()
         weights_dir = weights_folder()
         row = evaluate(images["clean"], images.get("protected"), images.get("purified"), images.get("generated"),
                        patch_size=patch_size, weights_dir=weights_dir, faces=faces)

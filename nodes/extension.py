@@ -6,10 +6,12 @@ from .customize import AntiPureCustomize
 from .evaluate import AntiPureEvaluate
 from .guidance import AntiPureFrequencyGuidance, AntiPureTimestepGuidance
 from .protect import AntiPureProtect
+from .purify import AntiPurePurify
 
 
 class AntiPureExtension(ComfyExtension):
     async def get_node_list(self) -> list[type[io.ComfyNode]]:
         return [AntiPureProtect, AntiPureFrequencyGuidance, AntiPureTimestepGuidance,
+                AntiPurePurify,
                 AntiPureCustomize,
                 AntiPureEvaluate]

@@ -1,0 +1,343 @@
+"""AntiPurePurify: the attacker's purifiers on an IMAGE batch, diffusion ones through the host's own samplers.
+
+DiffPure/SDEdit and GrIDPure run the core's loops (:func:`~antipure_core.purify.diffpure`,
+:func:`~antipure_core.purify.gridpure`) with a ``denoise_fn`` that hands the
+noised latent to the host's sampling (``comfy.sample.sample_custom``, the
+path of SamplerCustom), so every sampler and scheduler KSampler offers works,
+with the model's patches, LoRAs and memory management.
+
+``t_star`` is a fraction of the *timesteps*, as in DiffPure (0.1 = timestep
+100 of 1000): the latent is noised to exactly ``sigma(t*·T)`` of the model's
+schedule, whatever the scheduler. The scheduler only spaces the ``steps``
+denoising steps below that level: like KSampler's ``denoise``, the schedule
+is computed for more steps and its tail kept, but its first level is replaced
+by ``sigma(t*·T)``. (KSampler's ``denoise = d`` starts wherever the longer
+schedule happens to be: near timestep ``d·T`` for normal/simple, at a much
+lower noise level for karras/exponential.)
+"""
+from __future__ import annotations
+
+import contextlib
+import functools
+from typing import Iterator
+
+import torch
+from torch import Tensor
+
+from ..antipure_core.callbacks import report
+from ..antipure_core.purify import (PURIFIERS, diffpure, gaussian_blur, gaussian_noise, get_purifier, gridpure,
+                                    impress, jpeg, noisy_upscale, purification_timestep, resize_down_up,
+                                    window_boxes)
+from . import bridge
+from .comfy_host import ImageUpscaleWithModel, io, model_management, sample, samplers
+from .images import to_core, to_host
+from .progress import host_callback
+
+#: schedules are searched up to this many steps (KSampler's own maximum)
+MAX_SCHEDULE_STEPS = 10000
+_SAMPLED = ("diffpure", "gridpure")
+_IGNORED = "Ignored by the other methods."
+
+
+# --- the host's sampling as the core's denoise_fn ---------------------------------------------------------------
+
+def purification_sigmas(model, sampler_name: str, scheduler: str, steps: int, t: int) -> Tensor:
+    """The host's schedule for ``sampler_name``/``scheduler`` from ``sigma(t)`` down to 0 in ``steps`` steps.
+
+    Takes the smallest schedule length ``n`` whose levels below ``sigma(t)``
+    number at least ``steps``, keeps the last ``steps`` of them and prepends
+    ``sigma(t)``. Schedulers with few levels below ``t`` (``simple`` and
+    ``ddim_uniform`` use the model's discrete timesteps) give fewer steps.
+
+    Args:
+        model: the host's MODEL.
+        sampler_name, scheduler: names from ``comfy.samplers.KSampler.SAMPLERS`` / ``.SCHEDULERS``.
+        steps: denoising steps, >= 1.
+        t: integer start timestep in [1, T - 1].
+
+    Returns:
+        ``(k + 1,)`` float32 CPU sigmas, strictly decreasing from ``sigma(t)`` to 0, ``k <= steps``.
+    """
+    ms = model.get_model_object("model_sampling")
+    start = float(ms.sigma(torch.tensor(float(t))))
+    # the sampler's own schedule rules (e.g. uni_pc's discarded penultimate sigma) come with KSampler
+    ks = samplers.KSampler(model, steps=1, device="cpu", sampler=sampler_name, scheduler=scheduler)
+
+    def below(n: int) -> Tensor:
+        s = ks.calculate_sigmas(n).float().cpu()
+        # long discrete schedules repeat levels; a repeated level would be a zero-length step
+        return torch.unique_consecutive(s[s < start * (1 - 1e-5)])
+
+    lo, hi = steps - 1, steps  # below(lo) is never needed; hi grows until it has enough levels
+    while len(below(hi)) < steps and hi < MAX_SCHEDULE_STEPS:
+        lo, hi = hi, min(2 * hi, MAX_SCHEDULE_STEPS)
+    while hi - lo > 1:
+        mid = (lo + hi) // 2
+        lo, hi = (lo, mid) if len(below(mid)) >= steps else (mid, hi)
+    tail = below(hi)[-steps:]
+    return torch.cat([torch.tensor([start]), tail])
+
+
+def host_denoiser(model, positive, negative, sampler_name: str, scheduler: str, steps: int, cfg: float, seed: int):
+    """A core ``denoise_fn(z_t, t, callback) -> z0`` that runs the host's sampler from timestep ``t`` to 0.
+
+    The core's VP latent ``z_t = sqrt(abar) z0 + sqrt(1 - abar) eps`` is the
+    host's noised latent ``z0 + sigma eps`` times ``sqrt(abar)``; it is given to
+    the sampler as the starting latent with zero added noise (the core already
+    noised it, from its seeded generator).
+    """
+    latent_format = model.get_model_object("latent_format")
+    sampler = samplers.sampler_object(sampler_name)
+    schedule = functools.lru_cache(maxsize=4)(
+        lambda t: purification_sigmas(model, sampler_name, scheduler, steps, t))
+
+    def denoise(z_t: Tensor, t: Tensor, callback) -> Tensor:
+        if not bool((t == t[0]).all()):
+            raise ValueError(f"t: the host sampler needs one timestep for the batch, got {t.tolist()}")
+        sigmas = schedule(int(t[0]))
+        x = z_t.float() * (1.0 + sigmas[0] ** 2) ** 0.5
+        latent = latent_format.process_out(x).cpu()  # a LATENT is unscaled; the sampler scales it in
+
+        def step(i, denoised, x_i, total):
+            report(callback, i=i, total=total)
+        out = sample.sample_custom(model, torch.zeros_like(latent), cfg, sampler, sigmas, positive, negative, latent,
+                                   callback=step, disable_pbar=True, seed=seed)
+        return latent_format.process_in(out.float()).to(z_t)
+    return denoise
+
+
+def zeroed(cond):
+    """``cond`` with its embeddings (and pooled output) set to zero, as the host's ConditioningZeroOut."""
+    out = []
+    for emb, opts in cond:
+        opts = dict(opts)
+        if opts.get("pooled_output") is not None:
+            opts["pooled_output"] = torch.zeros_like(opts["pooled_output"])
+        out.append([torch.zeros_like(emb), opts])
+    return out
+
+
+class HostSamplingModel(bridge.HostDiffusionModel):
+    """The core's model interface for sampling without gradients: the VAE through the host's ``encode``/``decode``.
+
+    ``VAE.encode``/``decode`` load the VAE, split the batch by free memory and
+    fall back to tiles on out-of-memory; none of that is differentiable, which
+    purification does not need. Inputs to ``encode`` are padded to a multiple of
+    8 by the core, so the host's crop never bites.
+    """
+
+    def encode(self, x: Tensor) -> Tensor:
+        raw = self.vae.encode(x.movedim(1, -1))
+        return self.latent_format.process_in(raw.float()).to(self.device)
+
+    def decode(self, z: Tensor) -> Tensor:
+        img = self.vae.decode(self.latent_format.process_out(z.float()))
+        return img.movedim(-1, 1).float().to(self.device)
+
+
+# --- IMPRESS: differentiable VAE alone --------------------------------------------------------------------------
+
+class HostAutoencoder:
+    """The encode/decode half of the core's model interface on the host's VAE, differentiable (for IMPRESS).
+
+    Latents stay unscaled: IMPRESS only round-trips ``D(E(x))``, where the
+    scale cancels. There is no noise predictor and no schedule; the attributes
+    exist for the core's interface check.
+    """
+
+    def __init__(self, vae):
+        self.vae = vae
+        self.downsample = int(vae.downscale_ratio)
+        self.device = vae.device
+        self.alphas_cumprod, self.num_timesteps = torch.ones(0), 0
+
+    def encode(self, x: Tensor) -> Tensor:
+        vae = self.vae
+        return vae.first_stage_model.encode(vae.process_input(x.to(vae.device, torch.float32)).to(vae.vae_dtype)).float()
+
+    def decode(self, z: Tensor) -> Tensor:
+        # (y + 1) / 2 without process_output's clamp, whose gradient is zero outside [0, 1]
+        return (self.vae.first_stage_model.decode(z.to(self.vae.vae_dtype)).float() + 1.0) / 2.0
+
+    def predict_noise(self, z_t, t, cond=None):
+        raise NotImplementedError("HostAutoencoder has no noise predictor; IMPRESS uses only the VAE")
+
+
+@contextlib.contextmanager
+def vae_session(vae) -> Iterator[HostAutoencoder]:
+    """:func:`bridge.session` for a VAE alone: loaded fully, inference weights swapped for plain aliases, restored."""
+    bridge.check_vae(vae)
+    with torch.inference_mode(False), torch.enable_grad():
+        model_management.load_models_gpu([vae.patcher], force_full_load=True)
+        undo = bridge._swap_in_plain_tensors(vae.first_stage_model)
+        try:
+            yield HostAutoencoder(vae)
+        finally:
+            bridge._restore(undo)
+            model_management.soft_empty_cache()
+
+
+# --- noisy upscaling through the host's upscale path ------------------------------------------------------------
+
+def host_upscaler(upscale_model):
+    """``upscale(img (B, 3, h, w), size) -> img``: the host's ImageUpscaleWithModel (tiled, OOM-aware).
+
+    The model's own scale decides the output size; the core resamples it to ``size``.
+    """
+    def upscale(img: Tensor, size) -> Tensor:
+        return ImageUpscaleWithModel.execute(upscale_model, img.movedim(1, -1))[0].movedim(-1, 1)
+    return upscale
+
+
+# --- the node ---------------------------------------------------------------------------------------------------
+
+class AntiPurePurify(io.ComfyNode):
+    @classmethod
+    def define_schema(cls) -> io.Schema:
+        methods = "; ".join(f"{k}: {p.description}" for k, p in PURIFIERS.items())
+        return io.Schema(
+            node_id="AntiPurePurify",
+            display_name="AntiPure Purify",
+            category="AntiPure",
+            description="Try to wash a protective perturbation out of images the way an attacker would: "
+                        "DiffPure/SDEdit or GrIDPure with the loaded model and a host sampler, IMPRESS, noisy "
+                        "upscaling, JPEG, blur, resize or noise. The output keeps the input's exact size.",
+            inputs=[
+                io.Image.Input("image", tooltip="Images to purify (e.g. AntiPure Protect's output). "
+                                                "Any size and batch; the output keeps both."),
+                io.Combo.Input("method", options=list(PURIFIERS), default="diffpure",
+                               tooltip=f"{methods}. diffpure/gridpure need MODEL, VAE and positive; impress "
+                                       "needs VAE; the others need no model. Parameters of other methods are "
+                                       "ignored."),
+                io.Model.Input("model", optional=True,
+                               tooltip="Diffusion model for diffpure/gridpure (SD1.x, SD2.x or SDXL). "
+                                       "Not needed by the other methods."),
+                io.Vae.Input("vae", optional=True,
+                             tooltip="The checkpoint's VAE, for diffpure/gridpure/impress."),
+                io.Conditioning.Input("positive", optional=True,
+                                      tooltip="Prompt conditioning for diffpure/gridpure (an empty prompt for "
+                                              "unconditional purification). " + _IGNORED),
+                io.Conditioning.Input("negative", optional=True,
+                                      tooltip="Negative conditioning, used when cfg ≠ 1; disconnected = the "
+                                              "positive zeroed out (as ConditioningZeroOut). " + _IGNORED),
+                io.UpscaleModel.Input("upscale_model", optional=True,
+                                      tooltip="For noisy_upscale: upscale with this model (tiled, as Upscale "
+                                              "Image (using Model)) and resample to the input size. "
+                                              "Disconnected = plain bicubic resample."),
+                io.Int.Input("seed", default=0, min=0, max=0xFFFFFFFFFFFFFFFF, control_after_generate=True,
+                             tooltip="Seeds the forward noise (diffpure/gridpure/noise/noisy_upscale) and "
+                                     "the sampler's own noise."),
+                io.Float.Input("t_star", default=0.1, min=0.001, max=1.0, step=0.005,
+                               tooltip="diffpure: noise level as a fraction of the timesteps (0.1 = timestep "
+                                       "100 of 1000, DiffPure's t*). The latent is noised to exactly that "
+                                       "level; unlike KSampler's denoise it does not depend on the "
+                                       "scheduler. " + _IGNORED),
+                io.Int.Input("steps", default=20, min=1, max=10000,
+                             tooltip="diffpure/gridpure: sampler steps from t* down to 0 (per window for "
+                                     "gridpure); fewer when the scheduler has fewer levels below t* "
+                                     "(simple/ddim_uniform use discrete timesteps). " + _IGNORED),
+                io.Combo.Input("sampler_name", options=list(samplers.KSampler.SAMPLERS), default="euler",
+                               tooltip="diffpure/gridpure: the host sampler that denoises (as in KSampler). "
+                                       + _IGNORED),
+                io.Combo.Input("scheduler", options=list(samplers.KSampler.SCHEDULERS), default="normal",
+                               tooltip="diffpure/gridpure: spacing of the steps below t* (as in KSampler). "
+                                       + _IGNORED),
+                io.Float.Input("cfg", default=1.0, min=0.0, max=100.0, step=0.1, round=0.01,
+                               tooltip="diffpure/gridpure: classifier-free guidance scale. 1 = positive only "
+                                       "(half the cost). " + _IGNORED),
+                io.Int.Input("grid_window", default=256, min=8, max=4096, step=8,
+                             tooltip="gridpure: window side in pixels (256 in GrIDPure, for 512 px images). "
+                                     + _IGNORED),
+                io.Int.Input("grid_stride", default=128, min=8, max=4096, step=8,
+                             tooltip="gridpure: window stride in pixels, <= window (128 in GrIDPure). " + _IGNORED),
+                io.Int.Input("grid_iterations", default=20, min=1, max=1000,
+                             tooltip="gridpure: purify-and-blend rounds (20 in GrIDPure). " + _IGNORED),
+                io.Float.Input("grid_gamma", default=0.1, min=0.0, max=1.0, step=0.01,
+                               tooltip="gridpure: weight of each round's input in the blend "
+                                       "(1 − γ)·purified + γ·input (0.1 in GrIDPure). " + _IGNORED),
+                io.Float.Input("grid_t_star", default=0.01, min=0.001, max=1.0, step=0.005,
+                               tooltip="gridpure: the small t* of each window's DiffPure (0.01 = 10 of 1000 "
+                                       "timesteps, GrIDPure's setting). " + _IGNORED),
+                io.Float.Input("noise_sigma", default=0.1, min=0.0, max=1.0, step=0.005,
+                               tooltip="noisy_upscale/gaussian_noise: noise std on the [0, 1] pixel scale (0.1 "
+                                       "in noisy upscaling; 0.05 is usual for noise alone). " + _IGNORED),
+                io.Float.Input("upscale_scale", default=0.5, min=0.01, max=1.0, step=0.01,
+                               tooltip="noisy_upscale: downscale factor after the noise, before upscaling back "
+                                       "(0.25 pairs with an x4 model). " + _IGNORED),
+                io.Int.Input("jpeg_quality", default=75, min=1, max=100,
+                             tooltip="jpeg: quality 1–100 (75 is the common default). " + _IGNORED),
+                io.Float.Input("blur_sigma", default=1.0, min=0.0, max=50.0, step=0.1,
+                               tooltip="gaussian_blur: standard deviation in pixels. " + _IGNORED),
+                io.Float.Input("resize_scale", default=0.5, min=0.01, max=1.0, step=0.01,
+                               tooltip="resize: downscale factor before resampling back to the input size. "
+                                       + _IGNORED),
+                io.Int.Input("impress_iterations", default=100, min=1, max=10000,
+                             tooltip="impress: Adam steps toward VAE consistency. " + _IGNORED),
+                io.Float.Input("impress_lr", default=0.01, min=0.0001, max=1.0, step=0.0005,
+                               tooltip="impress: Adam learning rate on the [0, 1] pixel scale. " + _IGNORED),
+                io.Combo.Input("impress_similarity", options=["ssim", "mse"], default="ssim",
+                               tooltip="impress: distance to the input that keeps the image close "
+                                       "(1 − SSIM or MSE). " + _IGNORED),
+                io.Float.Input("impress_weight", default=0.1, min=0.0, max=100.0, step=0.01,
+                               tooltip="impress: weight of the similarity term against VAE consistency. "
+                                       + _IGNORED),
+            ],
+            outputs=[io.Image.Output(display_name="purified")],
+            hidden=[io.Hidden.unique_id],
+        )
+
+    @classmethod
+    def execute(cls, image, method, seed, t_star, steps, sampler_name, scheduler, cfg, grid_window, grid_stride,
+                grid_iterations, grid_gamma, grid_t_star, noise_sigma, upscale_scale, jpeg_quality, blur_sigma,
+                resize_scale, impress_iterations, impress_lr, impress_similarity, impress_weight,
+                model=None, vae=None, positive=None, negative=None, upscale_model=None) -> io.NodeOutput:
+        available = {name for name, v in (("model", model), ("vae", vae)) if v is not None}
+        get_purifier(method, available)
+        x, alpha = to_core(image)
+        generator = torch.Generator().manual_seed(seed)
+        node_id = cls.hidden.unique_id if cls.hidden is not None else None
+
+        if method in _SAMPLED:
+            if positive is None:
+                raise ValueError(f"positive: purifier {method!r} samples with the model and needs a prompt "
+                                 "CONDITIONING; connect CLIP Text Encode (an empty prompt for unconditional "
+                                 "purification)")
+            if negative is None:
+                negative = zeroed(positive)
+            dm = HostSamplingModel(model, vae)
+            denoise = host_denoiser(model, positive, negative, sampler_name, scheduler, steps, cfg, seed)
+            if method == "diffpure":
+                purification_timestep(dm, t_star)  # range check before any work
+                y = diffpure(dm, x, positive, t_star=t_star, steps=steps, generator=generator,
+                             callback=host_callback(steps, node_id), denoise_fn=denoise)
+            else:
+                purification_timestep(dm, grid_t_star)
+                n_windows = len(window_boxes(tuple(x.shape[-2:]), grid_window, grid_stride)) + 1
+                # the bar moves per window (gridpure reports its exact total); cancel is checked every sampler step
+                y = gridpure(x, lambda tile: diffpure(dm, tile, positive, t_star=grid_t_star, steps=steps,
+                                                      generator=generator, denoise_fn=denoise,
+                                                      callback=_check_cancel),
+                             window=grid_window, stride=grid_stride, iterations=grid_iterations, gamma=grid_gamma,
+                             callback=host_callback(grid_iterations * n_windows, node_id))
+        elif method == "impress":
+            with vae_session(vae) as ae:
+                y = impress(ae, x.clone(),  # a plain copy: the IMAGE was made under inference mode iterations=impress_iterations, lr=impress_lr, similarity=impress_similarity,
+                            weight=impress_weight, callback=host_callback(impress_iterations, node_id))
+        elif method == "noisy_upscale":
+            up = None if upscale_model is None else host_upscaler(upscale_model)
+            y = noisy_upscale(x, sigma=noise_sigma, scale=upscale_scale, upscale=up, generator=generator)
+        elif method == "jpeg":
+            y = jpeg(x, quality=jpeg_quality)
+        elif method == "gaussian_blur":
+            y = gaussian_blur(x, sigma=blur_sigma)
+        elif method == "resize":
+            y = resize_down_up(x, scale=resize_scale)
+        elif method == "gaussian_noise":
+            y = gaussian_noise(x, sigma=noise_sigma, generator=generator)
+        else:  # a purifier registered in the core but not wired here yet
+            raise ValueError(f"method: {method!r} is registered in the core but this node cannot run it yet")
+        return io.NodeOutput(to_host(y.cpu(), alpha))
+
+
+def _check_cancel(info) -> None:
+    model_management.throw_exception_if_processing_interrupted()
