@@ -5,11 +5,17 @@ tensors with an ``"objective"`` entry that PGD *maximises*; the other entries
 are the loss terms reported to the callback. ``x_adv`` is the perturbed image
 ``(B, 3, H, W)`` and ``z = E(x_adv)`` its latent, both carrying gradient to δ;
 the PGD loop encodes once per step and calls the loss once per EOT sample.
+
+A method whose terms use separate model graphs may also register ``parts``:
+a generator of such dicts whose ``"objective"`` entries add up to the loss's.
+PGD back-propagates each part before the next one is built, so only one
+part's graph is alive at a time (for antipure: the UNet graph at t is freed
+before the purification graph, UNet plus decoder, is built).
 """
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any, Callable, Optional
+from typing import Any, Callable, Iterator, Optional
 
 import torch
 from torch import Tensor
@@ -52,17 +58,34 @@ class Method:
     name: str
     loss: Optional[Callable[[AttackContext, Tensor, Tensor], dict]]
     description: str
+    parts: Optional[Callable[[AttackContext, Tensor, Tensor], Iterator[dict]]] = None
 
 
 METHODS: dict[str, Method] = {}
 
 
-def register_method(name: str, description: str):
-    """Decorator registering ``loss`` under ``name``; a new attack is one function."""
+def register_method(name: str, description: str, parts=None):
+    """Decorator registering ``loss`` (and optionally its ``parts``) under ``name``; a new attack is one function."""
     def wrap(fn):
-        METHODS[name] = Method(name, fn, description)
+        METHODS[name] = Method(name, fn, description, parts)
         return fn
     return wrap
+
+
+def loss_parts(method: Method, ctx: AttackContext, x_adv: Tensor, z: Tensor) -> Iterator[dict]:
+    """``method``'s loss as parts to back-propagate one at a time (the whole loss if it has no parts)."""
+    if method.parts is None:
+        yield method.loss(ctx, x_adv, z)
+    else:
+        yield from method.parts(ctx, x_adv, z)
+
+
+def _sum_parts(parts) -> dict:
+    out: dict = {}
+    for part in parts:
+        for k, v in part.items():
+            out[k] = out[k] + v if k in out else v
+    return out
 
 
 def get_method(name: str) -> Method:
@@ -97,8 +120,8 @@ def advdm_loss(ctx: AttackContext, x_adv: Tensor, z: Tensor) -> dict:
     return {"objective": ldm, "ldm": ldm}
 
 
-@register_method("antipure", "AntiPure: L_ldm - λ_pfg L_pfg - λ_etg L_etg (each guidance optional)")
-def antipure_loss(ctx: AttackContext, x_adv: Tensor, z: Tensor) -> dict:
+def antipure_parts(ctx: AttackContext, x_adv: Tensor, z: Tensor) -> Iterator[dict]:
+    """AntiPure's loss in two parts: L_ldm - λ_etg L_etg (one UNet graph at t), then -λ_pfg L_pfg."""
     model, T = ctx.model, ctx.model.num_timesteps
     t, noise, z_t = _noisy(ctx, z, ctx.t_lo, ctx.t_hi)
     eps = model.predict_noise(z_t, t, ctx.cond)
@@ -115,6 +138,8 @@ def antipure_loss(ctx: AttackContext, x_adv: Tensor, z: Tensor) -> dict:
             eps_e = model.predict_noise(z_t, t_e, ctx.cond)
         out["etg"] = etg_loss(eps, eps_e, noise, etg.mode)
         objective = objective - etg.weight * out["etg"]
+    out["objective"] = objective
+    yield out
     pfg = ctx.frequency
     if pfg is not None:
         # simulated purification: noise to t_p ~ U(0, t*], one-step denoise
@@ -122,12 +147,16 @@ def antipure_loss(ctx: AttackContext, x_adv: Tensor, z: Tensor) -> dict:
         t_p, noise_p, z_tp = _noisy(ctx, z, 1, t_p_hi)
         z0_hat = predict_x0(model, z_tp, t_p, model.predict_noise(z_tp, t_p, ctx.cond))
         if pfg.space == "pixel":
-            out["pfg"] = pfg_loss(model.decode(z0_hat), x_adv, pfg)
+            loss = pfg_loss(model.decode(z0_hat), x_adv, pfg)
         else:
-            out["pfg"] = pfg_loss(z0_hat, z, pfg)
-        objective = objective - pfg.weight * out["pfg"]
-    out["objective"] = objective
-    return out
+            loss = pfg_loss(z0_hat, z, pfg)
+        yield {"pfg": loss, "objective": -pfg.weight * loss}
+
+
+@register_method("antipure", "AntiPure: L_ldm - λ_pfg L_pfg - λ_etg L_etg (each guidance optional)",
+                 parts=antipure_parts)
+def antipure_loss(ctx: AttackContext, x_adv: Tensor, z: Tensor) -> dict:
+    return _sum_parts(antipure_parts(ctx, x_adv, z))
 
 
 @register_method("mist", "Mist: L_ldm plus a textural loss pulling E(x') toward a target pattern's latent")

@@ -10,7 +10,7 @@ from torch import Tensor
 from .callbacks import Callback, report
 from .frequency import FrequencyGuidance
 from .image import check_budget, check_image, crop_to, pad_to_multiple, project_linf, quantize_within_budget
-from .methods import AttackContext, get_method
+from .methods import AttackContext, Method, get_method, loss_parts
 from .model import check_model
 from .timestep import TimestepGuidance
 
@@ -100,7 +100,7 @@ def protect(model, x: Tensor, cond: Any, method: str = "antipure", eta: float = 
     for i in range(steps):
         x_adv.requires_grad_(True)
         with torch.enable_grad():
-            terms = _step_gradient(m.loss, ctx, x_adv, eot_samples)
+            terms = _step_gradient(m, ctx, x_adv, eot_samples)
         with torch.no_grad():
             x_adv = project_linf(x_adv + alpha * x_adv.grad.sign(), xp, eta)
         report(callback, i=i, total=steps, x_adv=crop_to(x_adv, size), **terms)
@@ -111,24 +111,25 @@ def protect(model, x: Tensor, cond: Any, method: str = "antipure", eta: float = 
     return out.to(x.device, x.dtype)
 
 
-def _step_gradient(loss, ctx: AttackContext, x_adv: Tensor, eot_samples: int) -> dict[str, float]:
+def _step_gradient(method: Method, ctx: AttackContext, x_adv: Tensor, eot_samples: int) -> dict[str, float]:
     """Accumulate ∇ objective into ``x_adv.grad``; return the mean of each loss term.
 
-    The encoder runs once; each EOT sample back-propagates to a detached copy
-    of the latent right away, so only one noise-predictor graph is alive at a
-    time, and the encoder backward runs once at the end.
+    The encoder runs once; each EOT sample, and each part of a method's loss,
+    back-propagates to a detached copy of the latent right away, so only one
+    noise-predictor graph is alive at a time, and the encoder backward runs
+    once at the end.
     """
     z = ctx.model.encode(x_adv)
     z_leaf = z.detach().requires_grad_(True)
     sums: dict[str, float] = {}
     for _ in range(eot_samples):
-        terms = loss(ctx, x_adv, z_leaf)
-        obj = terms["objective"]
-        if not torch.isfinite(obj).all():
-            raise FloatingPointError("protect: the objective became NaN/inf; lower alpha or use fp32 weights")
-        (obj.sum() / eot_samples).backward()
-        for k, v in terms.items():
-            sums[k] = sums.get(k, 0.0) + float(v.detach().mean()) / eot_samples
+        for terms in loss_parts(method, ctx, x_adv, z_leaf):
+            obj = terms["objective"]
+            if not torch.isfinite(obj).all():
+                raise FloatingPointError("protect: the objective became NaN/inf; lower alpha or use fp32 weights")
+            (obj.sum() / eot_samples).backward()
+            for k, v in terms.items():
+                sums[k] = sums.get(k, 0.0) + float(v.detach().mean()) / eot_samples
     if z_leaf.grad is not None:
         z.backward(z_leaf.grad)
     if x_adv.grad is None:

@@ -1,0 +1,371 @@
+"""Benchmark: one Protect step per method against the bare model work it needs (DESIGN §3).
+
+Builds the full-size SD1.5 UNet and VAE with ComfyUI's own classes and random
+weights (timing does not depend on weight values), loads them through the
+host's checkpoint loader (``comfy.sd.load_state_dict_guess_config``) and
+times, per method and batch size:
+
+(a) *bare*: exactly the module calls one step of that method makes, straight
+    on ``diffusion_model`` and ``first_stage_model`` with frozen weights and no
+    core logic: encoder fwd+bwd; UNet fwd+bwd; ETG's extra UNet forward; PFG's
+    UNet fwd+bwd and decoder fwd+bwd; SDS's UNet forward only;
+(b) *step*: one PGD step of :func:`antipure_core.protect.protect` on the
+    pack's bridge (``nodes.bridge.session``), the path the Protect node runs.
+
+Both are interleaved: the bare work runs inside protect's per-step callback,
+outside the timed interval, so load from other processes hits both alike.
+Step 0 of every protect call and the first bare run are warm-ups (first-call
+allocations, cached target latents) and make the census: FLOPs counted by
+torch's ``FlopCounterMode`` (matmuls, convolutions, attention: a noise-free
+check that the step does the bare work and no more) and peak memory (CUDA
+allocator; on the CPU anonymous resident memory). The following ones are
+timed; on the CPU the user CPU time is reported next to the wall time, the
+ratio that stays meaningful on a machine shared with other jobs.
+
+Run (CPU, a few minutes)::
+
+    COMFYUI_PATH=/path/to/ComfyUI python benchmarks/bench_protect.py --resolution 256 --batches 1 --threads 1
+
+On a GPU (the 8 GB fp16 target is the step's "peak" column at 512², batch 1)::
+
+    COMFYUI_PATH=/path/to/ComfyUI python benchmarks/bench_protect.py --device cuda --resolution 512 \\
+        --dtype fp16 --batches 1,2,4 --repeats 5
+"""
+from __future__ import annotations
+
+import argparse
+import ctypes
+import importlib
+import importlib.util
+import math
+import os
+import resource
+import statistics
+import sys
+import threading
+import time
+from pathlib import Path
+
+import torch
+from torch.utils.flop_counter import FlopCounterMode
+
+ROOT = Path(__file__).resolve().parents[1]
+METHODS = ("antipure", "advdm", "mist", "photoguard", "sds")
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+# the host's attention switches (comfy/cli_args.py); "default" keeps the host's own choice
+ATTENTION = {"default": None, "pytorch": "use_pytorch_cross_attention", "split": "use_split_cross_attention",
+             "quad": "use_quad_cross_attention"}
+# SD1.5 as comfy/model_detection.py detects it: its supported_models entry plus the layout
+SD15_LAYOUT = {"image_size": 32, "in_channels": 4, "out_channels": 4, "num_res_blocks": [2, 2, 2, 2],
+               "channel_mult": [1, 2, 4, 4], "transformer_depth": [1, 1, 1, 1, 1, 1, 0, 0],
+               "transformer_depth_middle": 1, "transformer_depth_output": [1] * 9 + [0] * 3,
+               "use_spatial_transformer": True, "legacy": False, "use_checkpoint": False,
+               "use_temporal_resblock": False}
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--resolution", type=int, default=256, help="square image side in pixels (multiple of 64)")
+    p.add_argument("--dtype", choices=DTYPES, default="fp32", help="UNet and VAE weight dtype")
+    p.add_argument("--checkpointing", action="store_true",
+                   help="gradient checkpointing of the UNet's blocks and the VAE's resnet blocks")
+    p.add_argument("--attention", choices=ATTENTION, default="default", help="the host's attention backend")
+    p.add_argument("--device", default="cpu", choices=("cpu", "cuda"))
+    p.add_argument("--methods", default=",".join(METHODS), help="comma-separated subset of " + ", ".join(METHODS))
+    p.add_argument("--batches", default="1,2,4", help="comma-separated batch sizes")
+    p.add_argument("--repeats", type=int, default=2,
+                   help="timed steps per method and batch after the warm-up (median reported); "
+                        "0: FLOP and memory census only")
+    p.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: torch's default)")
+    a = p.parse_args(argv)
+    a.methods = [m.strip() for m in a.methods.split(",") if m.strip()]
+    a.batches = [int(b) for b in a.batches.split(",")]
+    if unknown := set(a.methods) - set(METHODS):
+        p.error(f"--methods: unknown {sorted(unknown)}; choose from {', '.join(METHODS)}")
+    if a.resolution % 64 or a.resolution <= 0:
+        p.error(f"--resolution: must be a positive multiple of 64 (PFG patch grid x VAE factor), got {a.resolution}")
+    if a.repeats < 0 or min(a.batches) < 1:
+        p.error("--repeats must be >= 0 and --batches >= 1")
+    return a
+
+
+def _import_path(name: str, path: Path, package: bool = False):
+    """Import the file (or package) at ``path`` as ``name``: the host's ``nodes``/``tests`` shadow ours."""
+    spec = importlib.util.spec_from_file_location(
+        name, path / "__init__.py" if package else path, submodule_search_locations=[str(path)] if package else None)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[name] = module
+    spec.loader.exec_module(module)
+    return module
+
+
+def boot_host(a):
+    """Import ComfyUI with the device/attention/VAE-dtype flags set first; return the pack as a package."""
+    comfy_root = os.environ.get("COMFYUI_PATH", "/work/ComfyUI")
+    if not Path(comfy_root, "comfy").is_dir():
+        sys.exit(f"COMFYUI_PATH: no ComfyUI at {comfy_root!r}; point it at a ComfyUI checkout")
+    sys.path.insert(0, comfy_root)
+    sys.path.append(str(ROOT))  # after the host: its nodes.py must win over the pack's nodes/
+    from comfy.cli_args import args
+    args.cpu = a.device == "cpu"
+    if ATTENTION[a.attention]:
+        setattr(args, ATTENTION[a.attention], True)
+    setattr(args, f"{a.dtype}_vae", True)
+    import utils.extra_config  # noqa: F401  (before comfy/ shadows the host's utils package)
+    import comfy.model_management  # noqa: F401  (reads the flags above)
+    # relative imports inside the pack resolve as in the server, which loads it as a package too
+    return _import_path("antipure_pack", ROOT, package=True)
+
+
+# --- a full-size random-weight SD1.5 through the host's loader ---------------------------------
+
+def load_sd15(dtype: torch.dtype, seed: int = 0):
+    """(MODEL, VAE) as the host's checkpoint loader returns them for SD1.5 with random weights in ``dtype``."""
+    import comfy.model_management as mm
+    import comfy.ops
+    import comfy.sd
+    from comfy.ldm.modules.diffusionmodules.openaimodel import UNetModel
+    from comfy.supported_models import SD15
+    # the pack's random-weight filler (norms 1/0, weights N(0, 1/fan_in) tiled from one pool)
+    from antipure.random_checkpoint import _Noise, _random_state, _vae_state
+    with torch.device("meta"):
+        unet = UNetModel(**SD15.unet_config, **SD15.unet_extra_config, **SD15_LAYOUT,
+                         operations=comfy.ops.disable_weight_init)
+    sd = {f"model.diffusion_model.{k}": v for k, v in _random_state(unet, _Noise(seed)).items()}
+    sd.update({f"first_stage_model.{k}": v for k, v in _vae_state(seed).items()})
+    patcher, _, vae, _ = comfy.sd.load_state_dict_guess_config(
+        sd, output_vae=True, output_clip=False, model_options={"dtype": dtype})
+    if type(patcher.model.model_config) is not SD15:
+        raise RuntimeError(f"the host detected {type(patcher.model.model_config).__name__}, not SD15")
+    del sd
+    mm.load_models_gpu([patcher, vae.patcher], force_full_load=True)
+    return patcher, vae
+
+
+def enable_checkpointing(patcher, vae) -> None:
+    """Recompute activations in backward: the host's ``nodes_train`` patch on the UNet's top-level
+    blocks and on every VAE resnet block (the VAE's containers have no forward of their own)."""
+    from comfy.ldm.modules.diffusionmodules.model import ResnetBlock
+    from comfy_extras.nodes_train import find_all_highest_child_module_with_forward, patch
+    for m in find_all_highest_child_module_with_forward(patcher.model.diffusion_model):
+        patch(m)
+    for m in vae.first_stage_model.modules():
+        if isinstance(m, ResnetBlock):
+            patch(m)
+
+
+# --- (a) the bare module work -------------------------------------------------------------------
+
+class Bare:
+    """The module calls each method's step makes, with random upstream gradients and no core logic."""
+
+    def __init__(self, patcher, vae, context):
+        base = patcher.model
+        self.unet, self.ae = base.diffusion_model, vae.first_stage_model
+        self.dtype = base.manual_cast_dtype or base.get_dtype()  # what apply_model feeds the UNet
+        self.vae_dtype = vae.vae_dtype
+        self.context = context
+
+    def _unet(self, z, t, grad: bool):
+        ctx = self.context.expand(len(z), -1, -1).to(self.dtype)
+        with torch.set_grad_enabled(grad):
+            return self.unet(z.to(self.dtype).requires_grad_(grad), t.float(), context=ctx)
+
+    def __call__(self, method: str, x):
+        with torch.enable_grad():
+            z = self.ae.encode((x * 2 - 1).to(self.vae_dtype).requires_grad_(True))
+            zd = z.detach()
+            t = torch.randint(0, 1000, (len(x),), device=x.device)
+            if method in ("antipure", "advdm", "mist"):
+                _backward(self._unet(zd, t, grad=True))
+            if method == "sds":
+                self._unet(zd, t, grad=False)
+            if method == "antipure":
+                self._unet(zd, 999 - t, grad=False)  # ETG's stop-gradient forward at the wrong timestep
+                # PFG: the purification estimate at t_p is decoded, so the decoder's graph
+                # sits on the UNet's and both are alive in one backward
+                _backward(self.ae.decode(self._unet(zd, t % 300 + 1, grad=True).to(self.vae_dtype)))
+            _backward(z)
+
+
+def _backward(out):
+    out.float().backward(torch.randn(out.shape, device=out.device))
+
+
+# --- measurement --------------------------------------------------------------------------------
+
+class Clock:
+    """Wall time and this process's user/system CPU time of an interval (all threads)."""
+
+    def __init__(self, device: torch.device):
+        self.cuda = device.type == "cuda"
+
+    def start(self):
+        if self.cuda:
+            torch.cuda.synchronize()
+        self.t0, self.r0 = time.perf_counter(), resource.getrusage(resource.RUSAGE_SELF)
+
+    def stop(self) -> tuple[float, float, float]:
+        """(wall, user, system) seconds since :meth:`start`."""
+        if self.cuda:
+            torch.cuda.synchronize()
+        r = resource.getrusage(resource.RUSAGE_SELF)
+        return time.perf_counter() - self.t0, r.ru_utime - self.r0.ru_utime, r.ru_stime - self.r0.ru_stime
+
+
+class Census:
+    """FLOPs (torch's ``FlopCounterMode``: matmuls, convolutions, attention) and peak memory of an interval.
+
+    CUDA: the allocator's peak. CPU: the peak of the process's anonymous
+    resident memory (RssAnon, sampled every 5 ms; file-backed pages are left
+    out, the kernel may evict those under memory pressure), with large blocks
+    served by mmap and freed heap pages returned first, so freed tensors leave
+    it at once. Both are reported absolute (weights included) and above the
+    interval's start.
+    """
+
+    def __init__(self, device: torch.device):
+        self.cuda = device.type == "cuda"
+
+    def start(self):
+        if self.cuda:
+            torch.cuda.synchronize()
+            torch.cuda.reset_peak_memory_stats()
+            self.base = torch.cuda.memory_allocated() / 2 ** 30
+        else:
+            _malloc(mmap_threshold=1 << 20, trim=True)
+            self.base = self.peak = _proc_gib("RssAnon")
+            self.sampling = threading.Event()
+            self.sampler = threading.Thread(target=self._sample, daemon=True)
+            self.sampler.start()
+        self.counter = FlopCounterMode(display=False)
+        self.counter.__enter__()
+
+    def _sample(self):
+        while not self.sampling.wait(0.005):
+            self.peak = max(self.peak, _proc_gib("RssAnon"))
+
+    def stop(self) -> dict:
+        self.counter.__exit__(None, None, None)
+        if self.cuda:
+            torch.cuda.synchronize()
+            peak = torch.cuda.max_memory_allocated() / 2 ** 30
+        else:
+            self.sampling.set()
+            self.sampler.join()
+            peak = max(self.peak, _proc_gib("RssAnon"))
+            _malloc(mmap_threshold=32 << 20)  # glibc's own ceiling, where its adaptive threshold ends up
+        return {"gflop": self.counter.get_total_flops() / 1e9, "peak": peak, "extra": peak - self.base}
+
+
+def _proc_gib(field: str = "VmRSS") -> float:
+    with open("/proc/self/status") as f:
+        return next(int(line.split()[1]) for line in f if line.startswith(field)) / 2 ** 20
+
+
+def _malloc(mmap_threshold: int, trim: bool = False) -> None:
+    """glibc knobs: blocks above ``mmap_threshold`` go back to the OS on free; ``trim`` returns free heap pages."""
+    try:
+        libc = ctypes.CDLL("libc.so.6")
+        libc.mallopt(-3, mmap_threshold)  # M_MMAP_THRESHOLD
+        if trim:
+            libc.malloc_trim(0)
+    except (OSError, AttributeError):  # not glibc: the peak may then include freed heap memory
+        pass
+
+
+def measure(pack, dm, bare: Bare, method: str, x, repeats: int, device: torch.device) -> dict:
+    """One protect call of ``repeats + 1`` steps interleaved with the bare work.
+
+    Step 0 and the first bare run are warm-ups, taken for the FLOP and memory
+    census; the rest are timed. Step 0 also fills per-attack caches (mist's and
+    photoguard's target latent: one encoder forward without grad, once per call).
+    """
+    protect = importlib.import_module(f"{pack.__name__}.antipure_core.protect").protect
+    node_callback = importlib.import_module(f"{pack.__name__}.nodes.progress").host_callback(repeats + 1)
+    census, clock, steps, bares = Census(device), Clock(device), [], []
+
+    census.start()
+    bare(method, x)
+    bare_census = census.stop()
+
+    def callback(info):
+        node_callback(info)  # the Protect node's progress/cancel hook is part of a step
+        if info["i"] == 0:
+            steps.append(census.stop())
+        else:
+            steps.append(clock.stop())
+            clock.start()
+            bare(method, x)
+            bares.append(clock.stop())
+        clock.start()
+
+    census.start()
+    protect(dm, x, dm.cond, method=method, steps=repeats + 1, seed=0, callback=callback)
+    step_census, steps = steps[0], steps[1:]
+    med = lambda rows, j: statistics.median(r[j] for r in rows) if rows else math.nan  # noqa: E731
+    return {"bare": [med(bares, j) for j in range(3)], "step": [med(steps, j) for j in range(3)],
+            "bare_census": bare_census, "step_census": step_census}
+
+
+def machine(device: torch.device) -> str:
+    cpu = "unknown CPU"
+    try:
+        with open("/proc/cpuinfo") as f:
+            cpu = next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
+    except (OSError, StopIteration):
+        pass
+    s = f"{cpu}, {os.cpu_count()} cores, torch {torch.__version__}, {torch.get_num_threads()} threads"
+    return s + (f", {torch.cuda.get_device_name(device)}" if device.type == "cuda" else "")
+
+
+def main(argv=None):
+    a = parse_args(argv)
+    if a.threads:
+        torch.set_num_threads(a.threads)
+    pack = boot_host(a)
+    bridge = importlib.import_module(f"{pack.__name__}.nodes.bridge")
+    device = torch.device(a.device)
+    cuda = device.type == "cuda"
+    t0 = time.perf_counter()
+    with torch.inference_mode():  # the host's executor runs loaders and nodes in inference mode
+        patcher, vae = load_sd15(DTYPES[a.dtype])
+    if a.checkpointing:
+        enable_checkpointing(patcher, vae)
+    weights = sum(p.numel() * p.element_size() for m in (patcher.model, vae.first_stage_model)
+                  for p in m.parameters()) / 2 ** 30
+    g = torch.Generator().manual_seed(0)
+    context = torch.randn(1, 77, 768, generator=g)  # a CLIP-L prompt embedding's shape
+    print(f"# full-size SD1.5, random weights ({weights:.2f} GiB), built and loaded by the host in "
+          f"{time.perf_counter() - t0:.0f} s")
+    print(f"# {machine(device)}; {time.strftime('%Y-%m-%d')}")
+    print(f"# resolution {a.resolution}, dtype {a.dtype} (UNet computes in "
+          f"{patcher.model.manual_cast_dtype or patcher.model.get_dtype()}, VAE in {vae.vae_dtype}), "
+          f"attention {a.attention}, checkpointing {a.checkpointing}, timed repeats {a.repeats}")
+    with torch.inference_mode(), bridge.session(patcher, vae, [[context, {}]]) as dm:
+        held = torch.cuda.memory_allocated() / 2 ** 30 if cuda else _proc_gib("RssAnon")
+        what = "allocated" if cuda else "anonymous RSS"
+        print(f"# {what} in the bridge's session before the first step: {held:.2f} GiB\n")
+        scale_by = "wall" if cuda else "user CPU"
+        print("| method | batch | bare s | step s | step/bare wall | step/bare user CPU | GFLOP bare / step | "
+              f"peak GiB bare / step | above start GiB bare / step | step / first batch ({scale_by}) |")
+        print("|---|---|---|---|---|---|---|---|---|---|", flush=True)
+        bare = Bare(patcher, vae, context.to(device))
+        for method in a.methods:
+            first = None
+            for b in a.batches:
+                x = torch.rand(b, 3, a.resolution, a.resolution, generator=g).to(device)
+                r = measure(pack, dm, bare, method, x, a.repeats, device)
+                (bw, bu, _), (sw, su, _) = r["bare"], r["step"]
+                bc, sc = r["bare_census"], r["step_census"]
+                key = sw if cuda else su  # user CPU time: robust to other jobs on a shared CPU
+                first = first or (b, key)
+                scale = f"{key / first[1]:.2f} (batch x{b / first[0]:g})" if b != first[0] else "1.00"
+                cpu = "–" if cuda else f"{su / bu:.3f}"  # a GPU run's CPU time is mostly waiting
+                print(f"| {method} | {b} | {bw:.2f} | {sw:.2f} | {sw / bw:.3f} | {cpu} | "
+                      f"{bc['gflop']:.0f} / {sc['gflop']:.0f} | {bc['peak']:.2f} / {sc['peak']:.2f} | "
+                      f"{bc['extra']:.2f} / {sc['extra']:.2f} | {scale} |", flush=True)
+
+
+if __name__ == "__main__":
+    main()
