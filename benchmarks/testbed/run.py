@@ -64,7 +64,19 @@ PROTECTIONS: dict[str, Optional[dict]] = {
     "antipure-noETG": {"method": "antipure", "timestep": None},
 }
 PURIFIERS = ("none", "diffpure", "gridpure", "jpeg75")
-METRICS = ("sample_dist", "subject_dist", "grid", "hf", "psnr_protected")
+METRIC_DOC = [
+    ("sample_gain", "sample_dist minus the unprotected photos' sample_dist under the same purifier (the "
+                    "protection's own effect; higher = stronger)"),
+    ("subject_gain", "subject_dist minus the unprotected photos' under the same purifier (higher = the "
+                     "customized model looks less like the subject)"),
+    ("survival", "RMSE (in 1/255 levels) between the purified protected photos and the purified clean photos "
+                 "(same purifier noise): how much perturbation survives purification"),
+    ("sample_dist", "RMSE of samples to the clean-customized model's samples, same initial noise"),
+    ("subject_dist", "RMSE of 4x-blurred samples to the nearest 4x-blurred subject photo"),
+    ("grid", "grid-artifact score of the samples on the 4-px VAE grid (higher = more grid)"),
+    ("hf", "high-frequency energy ratio of the samples (4-px patches)"),
+]
+METRICS = ("sample_gain", "subject_gain", "sample_dist", "subject_dist", "grid", "hf", "survival", "psnr_protected")
 
 
 @dataclass
@@ -165,20 +177,27 @@ def subject_distance(samples: torch.Tensor, photos: torch.Tensor) -> torch.Tenso
     return (a[:, None] - b[None]).square().flatten(2).mean(2).sqrt().min(1).values
 
 
-def score(samples, reference, photos, protected, clean, patch: int) -> dict[str, float]:
+def score(samples, reference, photos, patch: int) -> dict[str, float]:
+    """Scores of generated ``samples`` against the clean-customized ``reference`` samples and the subject."""
     return {"sample_dist": float(_rmse(samples, reference).mean()),
             "subject_dist": float(subject_distance(samples, photos).mean()),
             "grid": float(grid_artifact_score(samples, patch).mean()),
-            "hf": float(high_frequency_ratio(samples, patch).mean()),
-            "psnr_protected": float(psnr(protected, clean).clamp(max=99).mean())}
+            "hf": float(high_frequency_ratio(samples, patch).mean())}
 
 
-def run_repeat(model, photos: torch.Tensor, subject: int, s: Settings, log=print) -> tuple[list[dict], dict]:
-    """All methods x purifiers for one subject's ``photos`` ``(n, 3, H, W)``; rows and example images."""
+def run_repeat(model, photos: torch.Tensor, subject: int, s: Settings, log=print,
+               customize_cells: bool = True) -> tuple[list[dict], dict]:
+    """All methods x purifiers for one subject's ``photos`` ``(n, 3, H, W)``; rows and example images.
+
+    ``customize_cells=False`` stops after purification (``survival`` and
+    ``psnr_protected`` only): a cheap screen for many protection variants.
+    """
     seed = s.seed + 1000 * subject
     cond = model.tokens("person", identity=model.rare_token(seed=subject))  # "a photo of sks person"
     null = model.tokens("null")  # the attacker purifies with an empty prompt
-    reference = customize_and_sample(model, photos, cond, s, seed)
+    reference = customize_and_sample(model, photos, cond, s, seed) if customize_cells else None
+    # the unprotected photos through each purifier, with the same noise: what survives is the difference
+    clean_purified = {p: purify(p, model, photos, null, s, seed) for p in s.purifiers}
     rows, examples = [], {}
     for name in s.methods:
         t0 = time.perf_counter()
@@ -187,16 +206,25 @@ def run_repeat(model, photos: torch.Tensor, subject: int, s: Settings, log=print
                                                        steps=s.pgd_steps, seed=seed, **kw)
         t_protect = time.perf_counter() - t0
         for pname in s.purifiers:
-            purified = purify(pname, model, protected, null, s, seed)
-            samples = reference if (name, pname) == ("none", "none") else \
-                customize_and_sample(model, purified, cond, s, seed)
-            row = {"subject": subject, "seed": seed, "method": name, "purifier": pname}
-            row.update(score(samples, reference, photos, protected, photos, model.downsample))
+            purified = clean_purified[pname] if name == "none" else purify(pname, model, protected, null, s, seed)
+            row = {"subject": subject, "seed": seed, "method": name, "purifier": pname,
+                   "survival": float(_rmse(purified, clean_purified[pname]).mean() * 255),
+                   "psnr_protected": float(psnr(protected, photos).clamp(max=99).mean())}
+            if customize_cells:
+                samples = reference if (name, pname) == ("none", "none") else \
+                    customize_and_sample(model, purified, cond, s, seed)
+                row.update(score(samples, reference, photos, model.downsample))
+                examples[(name, pname)] = (protected[0], purified[0], samples[:6])
             rows.append(row)
-            examples[(name, pname)] = (protected[0], purified[0], samples[:6])
-        log(f"  subject {subject} {name:15s} protect {t_protect:5.1f}s, all purifiers+customize "
+        log(f"  subject {subject} {name:15s} protect {t_protect:5.1f}s, purify+customize "
             f"{time.perf_counter() - t0 - t_protect:5.1f}s  " +
-            " ".join(f"{r['purifier']}={r['sample_dist']:.3f}" for r in rows[-len(s.purifiers):]))
+            " ".join(f"{r['purifier']}={r.get('sample_dist', r['survival']):.3f}"
+                     for r in rows[-len(s.purifiers):]))
+    if customize_cells:
+        for r in rows:  # effect of the protection beyond what the purifier alone does to the outcome
+            base = next(b for b in rows if b["method"] == "none" and b["purifier"] == r["purifier"])
+            r["sample_gain"] = r["sample_dist"] - base["sample_dist"]
+            r["subject_gain"] = r["subject_dist"] - base["subject_dist"]
     return rows, examples
 
 
@@ -208,6 +236,8 @@ def aggregate(rows: list[dict], s: Settings) -> list[dict]:
             cell = [r for r in rows if r["method"] == name and r["purifier"] == pname]
             agg = {"method": name, "purifier": pname, "repeats": len(cell)}
             for m in METRICS:
+                if m not in cell[0]:
+                    continue
                 v = torch.tensor([r[m] for r in cell], dtype=torch.float64)
                 agg[m] = float(v.mean())
                 agg[m + "_sd"] = float(v.std()) if len(v) > 1 else float("nan")
@@ -215,7 +245,7 @@ def aggregate(rows: list[dict], s: Settings) -> list[dict]:
     return out
 
 
-def ranking(agg: list[dict], rows: list[dict], s: Settings, metric: str = "sample_dist") -> list[dict]:
+def ranking(agg: list[dict], rows: list[dict], s: Settings, metric: str = "sample_gain") -> list[dict]:
     """Per purifier: the best method, AntiPure's rank, and AntiPure minus the best baseline paired over repeats."""
     baselines = [m for m in s.methods if not m.startswith("antipure") and m != "none"]
     out = []
@@ -254,18 +284,17 @@ def write_results(out_dir: Path, tag: str, rows, agg, ranks, s: Settings, info: 
     lines = [f"# Testbed results: {tag}", "",
              f"η = {s.eta * 255:.0f}/255, {s.pgd_steps} PGD steps; repeats = {len(s.subjects)} held-out subjects "
              f"{list(s.subjects)} (seed = {s.seed} + 1000·subject); values are mean ± sample s.d. over repeats.",
-             f"Model: {info.get('summary', '')}", f"Run time: {info.get('seconds', 0):.0f} s on "
-             f"{info.get('machine', '')}.", ""]
-    for metric, what in [("sample_dist", "RMSE of samples to the clean-customized model's samples (higher = "
-                                         "stronger protection)"),
-                         ("subject_dist", "blurred-sample distance to the subject (higher = less like the subject)"),
-                         ("grid", "grid-artifact score of the samples, 4-px grid (higher = more grid)"),
-                         ("hf", "high-frequency energy ratio of the samples")]:
+             f"Model: {info.get('summary', '')}",
+             f"Run time so far (training included unless cached): {info.get('seconds', 0):.0f} s wall, "
+             f"{info.get('cpu_seconds', 0):.0f} s CPU, on {info.get('machine', '')}.", ""]
+    for metric, what in METRIC_DOC:
         table = {}
         for a in agg:
             table.setdefault(a["method"], {})[a["purifier"]] = _fmt(a[metric], a[metric + "_sd"])
         lines += [f"## {metric}: {what}", "", markdown_table(table, "method"), ""]
-    lines += ["## Ranking by sample_dist (per purifier)", "", markdown_table(ranks), ""]
+    for metric, table in ranks.items():
+        lines += [f"## Ranking by {metric} (per purifier; AntiPure vs the best baseline, paired by subject)", "",
+                  markdown_table(table), ""]
     psnr_row = {a["method"]: f"{a['psnr_protected']:.1f}" for a in agg if a["purifier"] == s.purifiers[0]}
     lines += ["## PSNR of the protected photos (dB)", "", markdown_table([psnr_row]), ""]
     lines += ["## Settings", "", "```json", json.dumps(settings, indent=1, default=str), "```", ""]
@@ -281,18 +310,20 @@ def heatmap(agg: list[dict], s: Settings, path: Path, title: str) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    panels = [("sample_dist", "distance to clean-customized samples"), ("subject_dist", "distance to subject"),
-              ("grid", "grid-artifact score")]
+    panels = [("sample_gain", "sample_gain: change of the samples\nbeyond the purifier's own"),
+              ("subject_gain", "subject_gain: less like the subject\nbeyond the purifier's own"),
+              ("survival", "survival: perturbation left\nafter purification (1/255)")]
     fig, axes = plt.subplots(1, len(panels), figsize=(4.2 * len(panels), 0.45 * len(s.methods) + 1.6))
     for ax, (metric, label) in zip(axes, panels):
         m = torch.tensor([[next(a[metric] for a in agg if a["method"] == me and a["purifier"] == p)
                            for p in s.purifiers] for me in s.methods]).numpy()
         im = ax.imshow(m, cmap="magma", aspect="auto")
+        fmt = "{:.1f}" if metric == "survival" else "{:.3f}"
         ax.set_xticks(range(len(s.purifiers)), s.purifiers, rotation=30)
         ax.set_yticks(range(len(s.methods)), s.methods if ax is axes[0] else [""] * len(s.methods))
         for i in range(m.shape[0]):
             for j in range(m.shape[1]):
-                ax.text(j, i, f"{m[i, j]:.3f}", ha="center", va="center", fontsize=7,
+                ax.text(j, i, fmt.format(m[i, j]), ha="center", va="center", fontsize=7,
                         color="white" if m[i, j] < (m.max() + m.min()) / 2 else "black")
         ax.set_title(label, fontsize=9)
         fig.colorbar(im, ax=ax, fraction=0.046)
@@ -332,7 +363,7 @@ def main(argv=None) -> list[Path]:
                     help="torch threads; 1 is fastest on a shared 2-core machine (2 threads stall each other)")
     a = ap.parse_args(argv)
     torch.set_num_threads(a.threads)
-    t_start = time.perf_counter()
+    t_start, cpu_start = time.perf_counter(), time.process_time()
     base = Settings(**QUICK) if a.quick else Settings()
     if a.subjects:
         base.subjects = tuple(a.subjects)
@@ -365,15 +396,17 @@ def main(argv=None) -> list[Path]:
             if not examples:
                 examples = ex
         agg = aggregate(rows, s)
-        ranks = ranking(agg, rows, s)
+        ranks = {m: ranking(agg, rows, s, m) for m in ("sample_gain", "subject_gain")}
         meta = {"summary": summary, "seconds": time.perf_counter() - t_start,
+                "cpu_seconds": time.process_time() - cpu_start,
                 "machine": f"{platform.processor() or platform.machine()}, torch {torch.__version__}, "
                            f"{torch.get_num_threads()} thread(s)"}
         written += write_results(out_dir, tag, rows, agg, ranks, s, meta)
         example_figure(examples, s, out_dir / f"{tag}_examples.png")
         written.append(out_dir / f"{tag}_examples.png")
-        print(markdown_table(ranks), flush=True)
-    print(f"total {time.perf_counter() - t_start:.0f} s; wrote {', '.join(str(p) for p in written)}", flush=True)
+        for m, table in ranks.items():
+            print(m, markdown_table(table), sep="\n", flush=True)
+    print(f"total {time.perf_counter() - t_start:.0f} s wall, {time.process_time() - cpu_start:.0f} s CPU; wrote {', '.join(str(p) for p in written)}", flush=True)
     return written
 
 

@@ -74,15 +74,26 @@ def test_one_tiny_repeat_writes_results(model, tmp_path):
     assert ref["sample_dist"] == 0 and ref["psnr_protected"] == 99
     assert model.state_dict().keys() == lora_before.keys()
     assert all(torch.equal(v, lora_before[k]) for k, v in model.state_dict().items())
+    assert ref["sample_gain"] == 0 and ref["survival"] == 0
     prot = next(r for r in rows if r["method"] == "antipure" and r["purifier"] == "none")
     assert 20 < prot["psnr_protected"] < 99  # within an 8/255 budget: PSNR >= 30 dB roughly
+    assert 0 < prot["survival"] <= 8 + 1e-3  # unpurified: the whole perturbation survives, RMSE <= eta
     agg = testbed.aggregate(rows, s)
-    ranks = testbed.ranking(agg, rows, s)
+    ranks = {"sample_gain": testbed.ranking(agg, rows, s)}
     paths = testbed.write_results(tmp_path, "smoke", rows, agg, ranks, s, {"summary": "smoke"},
                                   heatmap_png=False)
     text = paths[0].read_text()
     assert "sample_dist" in text and "antipure" in text
     assert paths[1].read_text().count("\n") == 5  # header + 4 cells
+
+
+def test_screening_without_customization(model):
+    # photoguard: its gradient flows through the encoder (the untrained UNet outputs zeros)
+    s = testbed.Settings(pgd_steps=1, methods=("none", "photoguard"), purifiers=("none", "jpeg75"))
+    rows, examples = testbed.run_repeat(model, smooth_image(1, 32, 32), 0, s, log=lambda *_: None,
+                                        customize_cells=False)
+    assert not examples and [r["method"] for r in rows] == ["none", "none", "photoguard", "photoguard"]
+    assert "sample_dist" not in rows[0] and rows[2]["survival"] > 0
 
 
 def test_unknown_names_raise(model):
