@@ -321,7 +321,8 @@ class AntiPurePurify(io.ComfyNode):
                              callback=host_callback(grid_iterations * n_windows, node_id))
         elif method == "impress":
             with vae_session(vae) as ae:
-                y = impress(ae, x.clone(),  # a plain copy: the IMAGE was made under inference mode iterations=impress_iterations, lr=impress_lr, similarity=impress_similarity,
+                # x.clone(): a plain copy, the IMAGE was made under inference mode
+                y = impress(ae, x.clone(), iterations=impress_iterations, lr=impress_lr, similarity=impress_similarity,
                             weight=impress_weight, callback=host_callback(impress_iterations, node_id))
         elif method == "noisy_upscale":
             up = None if upscale_model is None else host_upscaler(upscale_model)
