@@ -68,7 +68,8 @@ def parse_args(argv=None):
     p.add_argument("--resolution", type=int, default=256, help="square image side in pixels (multiple of 64)")
     p.add_argument("--dtype", choices=DTYPES, default="fp32", help="UNet and VAE weight dtype")
     p.add_argument("--checkpointing", action="store_true",
-                   help="gradient checkpointing of the UNet's blocks and the VAE's resnet blocks")
+                   help="gradient checkpointing of the UNet's blocks and the VAE's resnet blocks "
+                        "(the Protect node's gradient_checkpointing)")
     p.add_argument("--attention", choices=ATTENTION, default="default", help="the host's attention backend")
     p.add_argument("--device", default="cpu", choices=("cpu", "cuda"))
     p.add_argument("--methods", default=",".join(METHODS), help="comma-separated subset of " + ", ".join(METHODS))
@@ -140,18 +141,6 @@ def load_sd15(dtype: torch.dtype, seed: int = 0):
     del sd
     mm.load_models_gpu([patcher, vae.patcher], force_full_load=True)
     return patcher, vae
-
-
-def enable_checkpointing(patcher, vae) -> None:
-    """Recompute activations in backward: the host's ``nodes_train`` patch on the UNet's top-level
-    blocks and on every VAE resnet block (the VAE's containers have no forward of their own)."""
-    from comfy.ldm.modules.diffusionmodules.model import ResnetBlock
-    from comfy_extras.nodes_train import find_all_highest_child_module_with_forward, patch
-    for m in find_all_highest_child_module_with_forward(patcher.model.diffusion_model):
-        patch(m)
-    for m in vae.first_stage_model.modules():
-        if isinstance(m, ResnetBlock):
-            patch(m)
 
 
 # --- (a) the bare module work -------------------------------------------------------------------
@@ -330,8 +319,6 @@ def main(argv=None):
     t0 = time.perf_counter()
     with torch.inference_mode():  # the host's executor runs loaders and nodes in inference mode
         patcher, vae = load_sd15(DTYPES[a.dtype])
-    if a.checkpointing:
-        enable_checkpointing(patcher, vae)
     weights = sum(p.numel() * p.element_size() for m in (patcher.model, vae.first_stage_model)
                   for p in m.parameters()) / 2 ** 30
     g = torch.Generator().manual_seed(0)
@@ -342,7 +329,10 @@ def main(argv=None):
     print(f"# resolution {a.resolution}, dtype {a.dtype} (UNet computes in "
           f"{patcher.model.manual_cast_dtype or patcher.model.get_dtype()}, VAE in {vae.vae_dtype}), "
           f"attention {a.attention}, checkpointing {a.checkpointing}, timed repeats {a.repeats}")
-    with torch.inference_mode(), bridge.session(patcher, vae, [[context, {}]]) as dm:
+    # the Protect node's gradient_checkpointing switch: UNet blocks and VAE resnet blocks
+    checkpointing = importlib.import_module(f"{pack.__name__}.nodes.checkpointing").gradient_checkpointing
+    with torch.inference_mode(), checkpointing(patcher, vae, enabled=a.checkpointing), \
+            bridge.session(patcher, vae, [[context, {}]]) as dm:
         held = torch.cuda.memory_allocated() / 2 ** 30 if cuda else _proc_gib("RssAnon")
         what = "allocated" if cuda else "anonymous RSS"
         print(f"# {what} in the bridge's session before the first step: {held:.2f} GiB\n")

@@ -7,6 +7,7 @@ the host's API is fixed in one place. Importing this module needs a running
 from __future__ import annotations
 
 import comfy.latent_formats as latent_formats
+import comfy.ldm.modules.diffusionmodules.model as vae_modules
 import comfy.model_base as model_base
 import comfy.model_management as model_management
 import comfy.model_patcher as model_patcher
@@ -26,4 +27,4 @@ __all__ = [
     "model_base", "model_sampling", "latent_formats", "samplers", "sampler_helpers",
 ]
 __all__ += ["weight_adapter", "nodes_train"]
-__all__ += ["sample", "ImageUpscaleWithModel"]
+__all__ += ["sample", "ImageUpscaleWithModel", "vae_modules"]

@@ -25,7 +25,7 @@ import math
 import torch
 
 from ..antipure_core.customize import Prior, as_image_batch, customize
-from . import bridge, lora_adapters
+from . import bridge, checkpointing as ckpt
 from .comfy_host import io, model_sampling, ui
 from .images import to_core
 from .lora_adapters import (TARGETS, attach_lora, lora_file_stem, lora_folder, lora_state_dict, save_lora,
@@ -185,7 +185,7 @@ class AntiPureCustomize(io.ComfyNode):
         train_mp = _training_clone(mp)
         callback = host_callback(steps, getattr(cls.hidden, "unique_id", None))  # None when called directly
         with bridge.session(train_mp, vae, positive) as dm, \
-                lora_adapters.gradient_checkpointing(train_mp, checkpointing):
+                ckpt.gradient_checkpointing(train_mp, enabled=checkpointing):
             losses = customize(dm, x, dm.cond, params, steps=steps, lr=lr, batch_size=batch_size,
                                grad_accum=grad_accum, prediction=prediction, prior=prior, generator=seed,
                                callback=callback)

@@ -21,15 +21,14 @@ Example (inside a node; ``model`` is the host's MODEL)::
 """
 from __future__ import annotations
 
-import contextlib
 import os
 import re
-from typing import Iterator, Optional
+from typing import Optional
 
 import torch
 from torch import Tensor
 
-from .comfy_host import comfy_utils, folder_paths, nodes_train, weight_adapter
+from .comfy_host import comfy_utils, folder_paths, weight_adapter
 
 _ATTENTION = r"attn[12]\.(to_q|to_k|to_v|to_out\.0)"
 #: which UNet weights get an adapter: regex on the module path inside ``model.model``
@@ -97,27 +96,6 @@ def attach_lora(model, keys: list[str], rank: int, alpha: float, seed: int):
 def trainable_parameters(adapters: dict) -> list[Tensor]:
     """The adapters' trainable tensors (``lora_up``, ``lora_down`` of each), in key order."""
     return [p for a in adapters.values() for p in a.parameters() if p.requires_grad]
-
-
-@contextlib.contextmanager
-def gradient_checkpointing(model, enabled: bool = True) -> Iterator[None]:
-    """Recompute the UNet's activations in the backward pass while the block runs (less memory, ~1.3x time).
-
-    Uses the host trainer's own per-module checkpoint patch on the highest child
-    modules of ``model.model.diffusion_model`` and removes it afterwards (the
-    module is shared with every clone of the MODEL).
-    """
-    if not enabled:
-        yield
-        return
-    modules = nodes_train.find_all_highest_child_module_with_forward(model.model.diffusion_model)
-    try:
-        for m in modules:
-            nodes_train.patch(m)
-        yield
-    finally:
-        for m in modules:
-            nodes_train.unpatch(m)
 
 
 def lora_state_dict(model, adapters: dict) -> dict[str, Tensor]:

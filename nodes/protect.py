@@ -6,7 +6,7 @@ import torch
 from ..antipure_core.image import check_budget
 from ..antipure_core.methods import METHODS
 from ..antipure_core.protect import protect
-from . import bridge
+from . import bridge, checkpointing
 from .comfy_host import io
 from .guidance import ETG, PFG
 from .images import to_core, to_host
@@ -48,6 +48,9 @@ class AntiPureProtect(io.ComfyNode):
                 io.Boolean.Input("random_start", default=False, tooltip="Start from uniform noise in [−η, η]."),
                 io.Int.Input("eot_samples", default=1, min=1, max=64,
                              tooltip="Noise/timestep samples averaged per step (expectation over transformation)."),
+                io.Boolean.Input("gradient_checkpointing", default=False, optional=True,
+                                 tooltip="Recompute UNet and VAE activations in the backward pass: much less "
+                                         "memory (512² SD1.5 in fp16 fits small GPUs), about a third more time."),
                 PFG.Input("frequency_guidance", optional=True,
                           tooltip="PFG settings for method=antipure. Disconnected = PFG off (ablation)."),
                 ETG.Input("timestep_guidance", optional=True,
@@ -60,7 +63,7 @@ class AntiPureProtect(io.ComfyNode):
 
     @classmethod
     def execute(cls, image, model, vae, positive, method, eta, steps, alpha, seed, random_start, eot_samples,
-                frequency_guidance=None, timestep_guidance=None) -> io.NodeOutput:
+                gradient_checkpointing=False, frequency_guidance=None, timestep_guidance=None) -> io.NodeOutput:
         x, alpha_ch = to_core(image)
         eta_px, alpha_px = eta / 255.0, alpha / 255.0
         if not 0 < eta <= 255:
@@ -71,7 +74,8 @@ class AntiPureProtect(io.ComfyNode):
         if steps == 0:
             return io.NodeOutput(image.clone(), to_host(torch.full_like(x, 0.5), alpha_ch))
         callback = host_callback(steps, node_id(cls))
-        with bridge.session(model, vae, positive) as dm:
+        with bridge.session(model, vae, positive) as dm, \
+                checkpointing.gradient_checkpointing(model, vae, enabled=gradient_checkpointing):
             x_adv = protect(dm, x, dm.cond, method=method, eta=eta_px, alpha=alpha_px, steps=steps, seed=seed,
                             random_start=random_start, eot_samples=eot_samples,
                             frequency=frequency_guidance, timestep=timestep_guidance, callback=callback)

@@ -139,3 +139,30 @@ def test_grayscale_and_alpha_inputs_adapt(host, tiny_model, encode_text):
     assert out.shape == rgba.shape and torch.equal(out[..., 3], rgba[..., 3])
     assert (out[..., :3] - rgba[..., :3]).abs().max() <= 8 / 255 + 1e-6
     assert delta.shape == (1, 32, 40, 3)
+
+
+def test_gradient_checkpointing_same_result_and_unpatched(host, tiny_model, encode_text):
+    """Checkpointing only recomputes activations: same perturbation, and the shared modules are restored."""
+    protect_mod = host.pack_import("nodes.protect")
+    model, clip, vae = tiny_model("sd15")
+    cond = encode_text(clip)
+    x = smooth_image(1, 32, 32).movedim(1, -1)
+    runs = []
+    for enabled in (False, True):
+        with torch.inference_mode():
+            runs.append(protect_mod.AntiPureProtect.execute(x, model, vae, cond, "antipure", 8.0, 2, 2.0, 0, False,
+                                                            1, gradient_checkpointing=enabled).args[0])
+    assert torch.equal(runs[0], runs[1]) and not torch.equal(runs[0], x)
+    patched = [m for part in (model.model.diffusion_model, vae.first_stage_model)
+               for m in part.modules() if hasattr(m, "org_forward")]
+    assert patched == []
+
+
+def test_gradient_checkpointing_patches_unet_and_vae_only_inside(host, tiny_model):
+    ckpt = host.pack_import("nodes.checkpointing")
+    model, _, vae = tiny_model("sd15")
+    modules = ckpt.checkpointed_modules(model, vae)
+    assert any(m in set(vae.first_stage_model.modules()) for m in modules)
+    with ckpt.gradient_checkpointing(model, vae):
+        assert all(hasattr(m, "org_forward") for m in modules)
+    assert not any(hasattr(m, "org_forward") for m in modules)
