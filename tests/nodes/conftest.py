@@ -26,8 +26,6 @@ Fixtures (session-scoped unless noted):
 """
 from __future__ import annotations
 
-import shutil
-import tempfile
 from pathlib import Path
 
 import pytest
@@ -68,23 +66,14 @@ def host():
     return HOST
 
 
-def _fast_tmp(tmp_path_factory, name: str, need_bytes: int) -> Path:
-    """A temporary folder in RAM (/dev/shm) when it has room, else under pytest's tmp dir."""
-    shm = Path("/dev/shm")
-    if shm.is_dir() and shutil.disk_usage(shm).free > 2 * need_bytes:
-        return Path(tempfile.mkdtemp(prefix=f"antipure-{name}-", dir=shm))
-    return tmp_path_factory.mktemp(name)
-
-
 @pytest.fixture(scope="session")
 def models_dir(host, tmp_path_factory):
     import folder_paths
 
-    folder = _fast_tmp(tmp_path_factory, "models", 1_300_000_000)
+    # on disk under pytest's tmp dir, not in /dev/shm: a killed run would leave its ~1 GB there in RAM
+    folder = tmp_path_factory.mktemp("models")
     folder_paths.add_model_folder_path("checkpoints", str(folder), is_default=True)
-    yield folder
-    if str(folder).startswith("/dev/shm/"):
-        shutil.rmtree(folder, ignore_errors=True)
+    return folder
 
 
 @pytest.fixture(scope="session")
