@@ -132,7 +132,11 @@ def protection_kwargs(name: str, s: Settings) -> Optional[dict]:
     kw = {"frequency": FrequencyGuidance(weight=s.pfg_weight, patch_size=s.pfg_patch, space=s.pfg_space,
                                          t_star=s.pfg_t_star),
           "timestep": TimestepGuidance(weight=s.etg_weight, mapping=s.etg_mapping, mode=s.etg_mode)}
+    # protect() hands the guidance configs only to 'antipure'; study variants registered under
+    # other names read them from the options
+    options = {"frequency": kw["frequency"], "timestep": kw["timestep"], **spec.get("options", {})}
     kw.update(spec)
+    kw["options"] = options
     return kw
 
 
@@ -333,8 +337,10 @@ def heatmap(agg: list[dict], s: Settings, path: Path, title: str) -> None:
     plt.close(fig)
 
 
-def example_figure(examples: dict, s: Settings, path: Path) -> None:
-    """One row per method: protected photo, then per purifier the purified photo and 3 samples."""
+def example_figure(examples: dict, s: Settings, path: Path, scale: int = 3) -> None:
+    """One row per method: the protected photo, then per purifier the purified photo and 3 samples (labelled)."""
+    from PIL import Image, ImageDraw
+
     rows = []
     for name in s.methods:
         cells = [examples[(name, s.purifiers[0])][0]]
@@ -343,9 +349,20 @@ def example_figure(examples: dict, s: Settings, path: Path) -> None:
             cells += [torch.ones_like(purified)[:, :, :4], purified, *samples[:3]]
         rows.append(torch.cat(cells, -1))
     grid = torch.cat(rows, -2).clamp(0, 1)
-    from PIL import Image
-    Image.fromarray((grid.permute(1, 2, 0).numpy() * 255).round().astype("uint8")).resize(
-        (grid.shape[-1] * 2, grid.shape[-2] * 2), Image.NEAREST).save(path)
+    img = Image.fromarray((grid.permute(1, 2, 0).numpy() * 255).round().astype("uint8"))
+    img = img.resize((img.width * scale, img.height * scale), Image.NEAREST)
+    size = grid.shape[-2] // len(s.methods) * scale
+    left, top = 110, 28
+    canvas = Image.new("RGB", (img.width + left, img.height + top), "white")
+    canvas.paste(img, (left, top))
+    draw = ImageDraw.Draw(canvas)
+    draw.text((left + 2, 2), "protected", fill="black")
+    block = (4 + 4 * grid.shape[-2] // len(s.methods)) * scale
+    for j, p in enumerate(s.purifiers):
+        draw.text((left + size + j * block + 4 * scale + 2, 2), f"{p}: purified, 3 samples", fill="black")
+    for i, name in enumerate(s.methods):
+        draw.text((4, top + i * size + size // 2 - 6), name, fill="black")
+    canvas.save(path)
 
 
 def main(argv=None) -> list[Path]:

@@ -20,11 +20,59 @@ from pathlib import Path
 
 import torch
 
-from antipure_core.methods import AttackContext, get_method
+from antipure_core.diffusion import predict_x0, q_sample, randn_like, sample_timesteps
+from antipure_core.frequency import high_frequency_distance, high_frequency_mask, pfg_loss
+from antipure_core.methods import AttackContext, antipure_loss, get_method, register_method
 from antipure_core.metrics import markdown_table
 
 from . import run as tb
 from .train import CACHE_DIR, build_model, subject_views
+
+def _simulated_purification(ctx: AttackContext, z: torch.Tensor):
+    """AntiPure's one-step purified estimate x̂ = D(ẑ0(z_tp)) with t_p ~ U[1, t*]; also returns t_p and the noise."""
+    model, cfg = ctx.model, ctx.options["frequency"]
+    T = model.num_timesteps
+    t_p = sample_timesteps(z.shape[0], 1, max(1, min(T - 1, round(cfg.t_star * T))), ctx.generator).to(z.device)
+    noise = randn_like(z, ctx.generator)
+    z_tp = q_sample(model, z, t_p, noise)
+    return model.decode(predict_x0(model, z_tp, t_p, model.predict_noise(z_tp, t_p, ctx.cond))), t_p, noise
+
+
+def _base(ctx: AttackContext, x_adv, z) -> dict:
+    """L_ldm - λ_etg L_etg, exactly as the core's AntiPure computes them (PFG off)."""
+    return antipure_loss(replace(ctx, frequency=None, timestep=ctx.options["timestep"]), x_adv, z)
+
+
+@register_method("antipure_pfg_sg", "study: AntiPure with a stop-gradient on x' in L_pfg (only the purifier path moves)")
+def antipure_pfg_sg_loss(ctx: AttackContext, x_adv, z) -> dict:
+    out = _base(ctx, x_adv, z)
+    cfg = ctx.options["frequency"]
+    x_hat, _, _ = _simulated_purification(ctx, z)
+    out["pfg"] = pfg_loss(x_hat, x_adv.detach(), cfg)
+    out["objective"] = out["objective"] - cfg.weight * out["pfg"]
+    return out
+
+
+@register_method("antipure_survive", "study: AntiPure whose frequency term maximises the high-frequency "
+                                     "difference between the purified estimates of x' and x")
+def antipure_survive_loss(ctx: AttackContext, x_adv, z) -> dict:
+    out = _base(ctx, x_adv, z)
+    cfg = ctx.options["frequency"]
+    x_hat, t_p, noise = _simulated_purification(ctx, z)
+    model = ctx.model
+    with torch.no_grad():  # the clean photos through the same simulated purification (same t_p and noise)
+        if "z_clean" not in ctx.cache:
+            ctx.cache["z_clean"] = model.encode(ctx.x)
+        zc = q_sample(model, ctx.cache["z_clean"], t_p, noise)
+        x_hat_clean = model.decode(predict_x0(model, zc, t_p, model.predict_noise(zc, t_p, ctx.cond)))
+    mask = high_frequency_mask(cfg.patch_size, cfg.threshold, cfg.soft_mask, cfg.transform, z.device)
+    out["survive"] = high_frequency_distance(x_hat.float(), x_hat_clean.float(), mask, cfg.transform)
+    out["objective"] = out["objective"] + cfg.weight * out["survive"]
+    return out
+
+
+tb.PROTECTIONS.update({"antipure-pfg-sg": {"method": "antipure_pfg_sg"},
+                       "antipure-survive": {"method": "antipure_survive"}})
 
 #: (label, Settings overrides, protection names) screened by perturbation survival
 VARIANTS: list[tuple[str, dict, tuple]] = [
@@ -43,9 +91,17 @@ VARIANTS: list[tuple[str, dict, tuple]] = [
     ("eta 16/255", {"eta": 16 / 255}, ("advdm", "mist", "photoguard", "antipure")),
     ("attacker t* = 0.05", {"diffpure_t_star": 0.05}, ("advdm", "mist", "photoguard", "antipure")),
     ("attacker t* = 0.2", {"diffpure_t_star": 0.2}, ("advdm", "mist", "photoguard", "antipure")),
+    # two alternative readings of PFG (not the core's): see the README
+    ("PFG with stop-gradient on x', weight 100", {"pfg_weight": 100.0}, ("antipure-pfg-sg",)),
+    ("PFG with stop-gradient on x', weight 1000", {"pfg_weight": 1000.0}, ("antipure-pfg-sg",)),
+    ("survival term, weight 10", {"pfg_weight": 10.0}, ("antipure-survive",)),
+    ("survival term, weight 100", {"pfg_weight": 100.0}, ("antipure-survive",)),
+    ("survival term, weight 1000", {"pfg_weight": 1000.0}, ("antipure-survive",)),
+    ("survival term, weight 10000", {"pfg_weight": 10000.0}, ("antipure-survive",)),
 ]
 #: variants also carried through customization (chosen from the screen; see README)
-FULL: list[str] = []
+FULL: list[str] = ["PFG weight 100", "PFG with stop-gradient on x', weight 1000",
+                   "survival term, weight 1000", "eta 16/255"]
 
 
 def gradient_scales(model, photos, cond, s: tb.Settings, samples: int = 8) -> dict[str, float]:
@@ -61,7 +117,7 @@ def gradient_scales(model, photos, cond, s: tb.Settings, samples: int = 8) -> di
             for name in ("ldm", "pfg", "etg"):
                 g, = torch.autograd.grad(terms[name].sum(), x, retain_graph=True)
                 sums[name] = sums.get(name, 0.0) + float(g.abs().mean()) / samples
-                sums[name + "_value"] = sums.get(name + "_value", 0.0) + float(terms[name].mean()) / samples
+                sums[name + "_value"] = sums.get(name + "_value", 0.0) + float(terms[name].detach().mean()) / samples
     return sums
 
 
