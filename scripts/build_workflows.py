@@ -48,6 +48,11 @@ def _protect_nodes(col: int, method: str = "antipure", key: str = "protect") -> 
               title=f"Protect ({method})")]
 
 
+def _report(evaluate: str, col: int, name: str) -> N:
+    """The Evaluate report drawn on the canvas (the frontend shows text on its own Preview Any node)."""
+    return N(f"report {name}", "PreviewAny", col, {"source": (evaluate, 0)}, title=f"Report ({name})")
+
+
 def _common(cols: int = 0) -> list[N]:
     return [
         N("image", "LoadImage", cols, {"image": "example.png"}, title="Images to protect"),
@@ -89,6 +94,7 @@ def stress_test_workflow() -> list[N]:
                "filename_prefix": "antipure/stress_test"}),
             N(f"save comparison {name}", "SaveImage", 8, {"images": (f"evaluate {name}", 1),
                                                           "filename_prefix": f"antipure/comparison_{name}"}),
+            _report(f"evaluate {name}", 9, name),
         ]
     return g
 
@@ -105,8 +111,9 @@ def baseline_comparison_workflow() -> list[N]:
             N(f"evaluate {method}", "AntiPureEvaluate", 4,
               {"clean": ("image", 0), "protected": (key, 0), "purified": (f"purify {method}", 0),
                "label": method, "filename_prefix": "antipure/baseline_comparison", "faces": False}),
+            _report(f"evaluate {method}", 5, method),
         ]
-    g.append(N("save comparison", "SaveImage", 5, {"images": ("evaluate random", 1),
+    g.append(N("save comparison", "SaveImage", 6, {"images": ("evaluate random", 1),
                                                    "filename_prefix": "antipure/baseline_comparison"},
                title="Comparison plot (all methods so far)"))
     return g

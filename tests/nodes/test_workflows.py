@@ -6,7 +6,6 @@ import csv
 import json
 import shutil
 import sys
-import time
 from pathlib import Path
 
 import pytest
@@ -74,6 +73,16 @@ def test_workflow_build_script_is_in_sync(host):
         assert fresh == shipped, f"workflows/{name}.json is stale: run scripts/build_workflows.py"
 
 
+@pytest.mark.parametrize("name", ["antipure_stress_test", "antipure_baseline_comparison"])
+def test_every_report_is_shown_on_the_canvas(name):
+    """Each Evaluate's report feeds a Preview Any node: the frontend draws text only there."""
+    ui = json.loads((PACK_DIR / "workflows" / f"{name}.json").read_text())
+    kinds = {n["id"]: n["type"] for n in ui["nodes"]}
+    evaluates = [i for i, k in kinds.items() if k == "AntiPureEvaluate"]
+    shown = {src for _, src, slot, dst, _, _ in ui["links"] if slot == 0 and kinds[dst] == "PreviewAny"}
+    assert evaluates and set(evaluates) == shown
+
+
 def test_stress_test_runs_end_to_end(host, prompt_for, output_dir, tmp_path):
     import nodes
 
@@ -89,12 +98,9 @@ def test_stress_test_runs_end_to_end(host, prompt_for, output_dir, tmp_path):
     images.mkdir()
     shutil.copy(SAMPLE, images / "face.png")
     image_input = runner.find_image_inputs(prompt, nodes.NODE_CLASS_MAPPINGS)[0]
-    t0 = time.perf_counter()
     results = asyncio.run(runner.run_batch(prompt, image_input, [images / "face.png"], tmp_path / "out",
                                            progress=False))
-    elapsed = time.perf_counter() - t0
     assert [r.status for r in results] == ["ok"], results[0].error
-    assert elapsed < 300
     rows = list(csv.DictReader(open(tmp_path / "out" / "results.csv")))
     assert len(rows) == 1 and rows[0]["status"] == "ok"
     written = {p.name for p in (tmp_path / "out").rglob("*")}
