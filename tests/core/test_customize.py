@@ -13,13 +13,7 @@ from antipure_core.sampling import sample
 from tests.toy import make_toy, smooth_image
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    # these tiny ops lose most of their time to thread hand-offs on a busy machine
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _probe(model, cond, seed=123):

@@ -27,13 +27,7 @@ def hf_energy(x):
     return float((patch_dct(x[..., :h, :w], 8).square() * high_frequency_mask(8)).mean())
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    # the toy's tensors are tiny: extra intra-op threads only spin, and cost ~10x CPU on a busy 2-core machine
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")

@@ -15,13 +15,7 @@ from benchmarks.testbed.train import TrainConfig, train_unet, train_vae
 from tests.toy import smooth_image
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    # tiny tensors: a second thread only adds synchronisation (and stalls badly on a busy machine)
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")
