@@ -49,8 +49,9 @@ class AntiPureProtect(io.ComfyNode):
                 io.Int.Input("eot_samples", default=1, min=1, max=64,
                              tooltip="Noise/timestep samples averaged per step (expectation over transformation)."),
                 io.Boolean.Input("gradient_checkpointing", default=False, optional=True,
-                                 tooltip="Recompute UNet and VAE activations in the backward pass: much less "
-                                         "memory (512² SD1.5 in fp16 fits small GPUs), about a third more time."),
+                                 tooltip="Recompute UNet and VAE activations in the backward pass: less memory "
+                                         "for about a quarter more compute (SD1.5 at 512²: 17% less above the "
+                                         "weights for antipure; see BENCHMARKS.md)."),
                 PFG.Input("frequency_guidance", optional=True,
                           tooltip="PFG settings for method=antipure. Disconnected = PFG off (ablation)."),
                 ETG.Input("timestep_guidance", optional=True,
