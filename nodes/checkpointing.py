@@ -4,8 +4,8 @@ Uses the host trainer's own per-module patch (``comfy_extras.nodes_train.patch``
 ``torch.utils.checkpoint`` without re-entrance): activations of a patched
 module are recomputed in the backward pass instead of kept. With frozen
 weights (Protect) convolutions and linear layers keep no activations for the
-input gradient anyway, so the saving comes mostly from the VAE's
-full-resolution norm/activation pairs (BENCHMARKS.md measures it). The patch
+input gradient anyway, so the saving is modest and largest on AntiPure's
+PFG path through the decoder (BENCHMARKS.md measures it). The patch
 is removed afterwards: the modules are shared with every clone of the
 MODEL / VAE.
 """
