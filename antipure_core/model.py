@@ -16,7 +16,9 @@ from __future__ import annotations
 from typing import Any, Protocol, runtime_checkable
 
 import torch
-from torch import Tensor
+from torch import Tensor, nn
+
+from .diffusion import linear_alphas_cumprod
 
 
 @runtime_checkable
@@ -54,3 +56,20 @@ def check_model(model: Any) -> None:
     missing = [n for n in need if not hasattr(model, n)]
     if missing:
         raise TypeError(f"model: not a DiffusionModel, missing {', '.join(missing)}")
+
+
+class ScheduledModule(nn.Module):
+    """Base for plain-torch implementations of :class:`DiffusionModel`: holds the schedule as a buffer
+    (so it follows ``.to(device)``) and derives ``num_timesteps`` and ``device`` from it."""
+
+    def __init__(self, num_timesteps: int = 1000):
+        super().__init__()
+        self.register_buffer("alphas_cumprod", linear_alphas_cumprod(num_timesteps))
+
+    @property
+    def num_timesteps(self) -> int:
+        return self.alphas_cumprod.shape[0]
+
+    @property
+    def device(self) -> torch.device:
+        return self.alphas_cumprod.device

@@ -13,7 +13,7 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-from antipure_core.diffusion import linear_alphas_cumprod
+from antipure_core.model import ScheduledModule
 
 
 def timestep_embedding(t: torch.Tensor, dim: int) -> torch.Tensor:
@@ -53,24 +53,15 @@ class ToyUNet(nn.Module):
         return self.out(torch.cat([h, h0], 1))
 
 
-class ToyLDM(nn.Module):
+class ToyLDM(ScheduledModule):
     """Tiny model with the core's interface. ``cond`` is a ``(1 or B, cond_dim)`` tensor."""
 
     downsample = 4
 
     def __init__(self, cond_dim: int = 16, num_timesteps: int = 1000):
-        super().__init__()
+        super().__init__(num_timesteps)
         self.vae = ToyVAE()
         self.unet = ToyUNet(cond_dim=cond_dim)
-        self.register_buffer("alphas_cumprod", linear_alphas_cumprod(num_timesteps))
-
-    @property
-    def num_timesteps(self) -> int:
-        return self.alphas_cumprod.shape[0]
-
-    @property
-    def device(self) -> torch.device:
-        return self.alphas_cumprod.device
 
     def encode(self, x):
         return self.vae.enc(x * 2 - 1)

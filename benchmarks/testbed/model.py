@@ -22,7 +22,7 @@ import torch
 from torch import Tensor, nn
 from torch.nn import functional as F
 
-from antipure_core.diffusion import linear_alphas_cumprod
+from antipure_core.model import ScheduledModule
 
 #: class vocabulary; identity tokens follow at ``NUM_CLASS_TOKENS + index``
 CLASS_TOKENS = {"null": 0, "person": 1, "background": 2}
@@ -148,7 +148,7 @@ class UNet(nn.Module):
         return self.out(self.cross_attn_hi(h, tokens))
 
 
-class TinyLDM(nn.Module):
+class TinyLDM(ScheduledModule):
     """Latent diffusion model with the core's :class:`~antipure_core.model.DiffusionModel` interface.
 
     Args:
@@ -164,22 +164,13 @@ class TinyLDM(nn.Module):
 
     def __init__(self, num_identities: int = 200, token_dim: int = 32, vae_ch: int = 16, unet_ch: int = 32,
                  num_timesteps: int = 1000):
-        super().__init__()
+        super().__init__(num_timesteps)
         self.vae = VAE(vae_ch)
         self.unet = UNet(ch=unet_ch, token_dim=token_dim)
         self.embed = nn.Embedding(NUM_CLASS_TOKENS + num_identities, token_dim)
         nn.init.normal_(self.embed.weight, std=1.0)
-        self.register_buffer("alphas_cumprod", linear_alphas_cumprod(num_timesteps))
         # 1 / std of the VAE latent means, set after VAE training (SD's 0.18215 plays this role)
         self.register_buffer("scale_factor", torch.tensor(1.0))
-
-    @property
-    def num_timesteps(self) -> int:
-        return self.alphas_cumprod.shape[0]
-
-    @property
-    def device(self) -> torch.device:
-        return self.alphas_cumprod.device
 
     def encode(self, x: Tensor) -> Tensor:
         """``(B, 3, H, W)`` in [0, 1] -> scaled latent mean ``(B, 4, H/4, W/4)`` (deterministic)."""
