@@ -104,6 +104,15 @@ def _noisy(ctx: AttackContext, z: Tensor, t_lo: int, t_hi: int):
     return t, noise, q_sample(ctx.model, z, t, noise)
 
 
+def simulated_purification(ctx: AttackContext, z: Tensor, t_star: float) -> tuple[Tensor, Tensor, Tensor]:
+    """PFG's simulated purification: noise ``z`` to t_p ~ U[1, t*·T], one-step estimate ẑ0.
+
+    Returns ``(ẑ0, t_p, noise)`` so a caller can put other latents through the same purification.
+    """
+    t_p, noise, z_tp = _noisy(ctx, z, 1, timestep_from_fraction(ctx.model.num_timesteps, t_star))
+    return predict_x0(ctx.model, z_tp, t_p, ctx.model.predict_noise(z_tp, t_p, ctx.cond)), t_p, noise
+
+
 def _target_latent(ctx: AttackContext, kind: str) -> Tensor:
     key = f"target:{kind}"
     if key not in ctx.cache:
@@ -142,10 +151,7 @@ def antipure_parts(ctx: AttackContext, x_adv: Tensor, z: Tensor) -> Iterator[dic
     yield out
     pfg = ctx.frequency
     if pfg is not None:
-        # simulated purification: noise to t_p ~ U(0, t*], one-step denoise
-        t_p_hi = timestep_from_fraction(T, pfg.t_star)
-        t_p, noise_p, z_tp = _noisy(ctx, z, 1, t_p_hi)
-        z0_hat = predict_x0(model, z_tp, t_p, model.predict_noise(z_tp, t_p, ctx.cond))
+        z0_hat, _, _ = simulated_purification(ctx, z, pfg.t_star)
         if pfg.space == "pixel":
             loss = pfg_loss(model.decode(z0_hat), x_adv, pfg)
         else:

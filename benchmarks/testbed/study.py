@@ -20,22 +20,20 @@ from pathlib import Path
 
 import torch
 
-from antipure_core.diffusion import predict_x0, q_sample, randn_like, sample_timesteps
+from antipure_core.diffusion import predict_x0, q_sample
 from antipure_core.frequency import high_frequency_distance, high_frequency_mask, pfg_loss
-from antipure_core.methods import AttackContext, antipure_loss, get_method, register_method
+from antipure_core.methods import (AttackContext, antipure_loss, get_method, register_method,
+                                   simulated_purification)
 from antipure_core.metrics import markdown_table
 
 from . import run as tb
 from .train import CACHE_DIR, build_model, subject_views
 
-def _simulated_purification(ctx: AttackContext, z: torch.Tensor):
-    """AntiPure's one-step purified estimate x̂ = D(ẑ0(z_tp)) with t_p ~ U[1, t*]; also returns t_p and the noise."""
-    model, cfg = ctx.model, ctx.options["frequency"]
-    T = model.num_timesteps
-    t_p = sample_timesteps(z.shape[0], 1, max(1, min(T - 1, round(cfg.t_star * T))), ctx.generator).to(z.device)
-    noise = randn_like(z, ctx.generator)
-    z_tp = q_sample(model, z, t_p, noise)
-    return model.decode(predict_x0(model, z_tp, t_p, model.predict_noise(z_tp, t_p, ctx.cond))), t_p, noise
+
+def _purified_estimate(ctx: AttackContext, z: torch.Tensor):
+    """AntiPure's one-step purified estimate x̂ = D(ẑ0(z_tp)), with its t_p and noise."""
+    z0, t_p, noise = simulated_purification(ctx, z, ctx.options["frequency"].t_star)
+    return ctx.model.decode(z0), t_p, noise
 
 
 def _base(ctx: AttackContext, x_adv, z) -> dict:
@@ -47,7 +45,7 @@ def _base(ctx: AttackContext, x_adv, z) -> dict:
 def antipure_pfg_sg_loss(ctx: AttackContext, x_adv, z) -> dict:
     out = _base(ctx, x_adv, z)
     cfg = ctx.options["frequency"]
-    x_hat, _, _ = _simulated_purification(ctx, z)
+    x_hat, _, _ = _purified_estimate(ctx, z)
     out["pfg"] = pfg_loss(x_hat, x_adv.detach(), cfg)
     out["objective"] = out["objective"] - cfg.weight * out["pfg"]
     return out
@@ -58,7 +56,7 @@ def antipure_pfg_sg_loss(ctx: AttackContext, x_adv, z) -> dict:
 def antipure_survive_loss(ctx: AttackContext, x_adv, z) -> dict:
     out = _base(ctx, x_adv, z)
     cfg = ctx.options["frequency"]
-    x_hat, t_p, noise = _simulated_purification(ctx, z)
+    x_hat, t_p, noise = _purified_estimate(ctx, z)
     model = ctx.model
     with torch.no_grad():  # the clean photos through the same simulated purification (same t_p and noise)
         if "z_clean" not in ctx.cache:
