@@ -1,7 +1,9 @@
 """Host test harness: boot ComfyUI once, tiny checkpoints, graph runner, progress recording.
 
 Without a host every test file here reports one skipped test saying why
-(``COMFYUI_PATH`` unset, torch or ComfyUI not importable). Test modules may
+(``COMFYUI_PATH`` unset, torch or ComfyUI not importable). With
+``ANTIPURE_REQUIRE_HOST=1`` (what CI sets) a missing host and any skip under
+``tests/nodes`` are failures instead, so no host test can silently stop running. Test modules may
 import host modules at top level: they are only imported when the host booted,
 which happens while pytest collects this folder (so in a run over all of
 ``tests/``, ``comfy`` is imported before the core tests run).
@@ -26,12 +28,14 @@ Fixtures (session-scoped unless noted):
 """
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import pytest
 
 from tests.nodes.host import PACK_DIR, boot, find_comfyui
 
+REQUIRE_HOST = os.environ.get("ANTIPURE_REQUIRE_HOST") == "1"
 _ROOT, _REASON = find_comfyui()
 HOST = None
 if _ROOT is not None:
@@ -43,6 +47,8 @@ if _ROOT is not None:
 
 class _NoHostItem(pytest.Item):
     def runtest(self):
+        if REQUIRE_HOST:
+            pytest.fail(f"ANTIPURE_REQUIRE_HOST=1 but no usable host: {_REASON}", pytrace=False)
         pytest.skip(_REASON)
 
     def reportinfo(self):
@@ -59,6 +65,16 @@ def pytest_pycollect_makemodule(module_path, parent):
     if HOST is None:
         return _NoHostFile.from_parent(parent, path=module_path)
     return None
+
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_makereport(item, call):
+    outcome = yield
+    report = outcome.get_result()
+    if REQUIRE_HOST and report.skipped and not hasattr(report, "wasxfail"):
+        reason = report.longrepr[-1] if isinstance(report.longrepr, tuple) else report.longrepr
+        report.outcome = "failed"
+        report.longrepr = f"host test skipped although ANTIPURE_REQUIRE_HOST=1: {reason}"
 
 
 @pytest.fixture(scope="session")

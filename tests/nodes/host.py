@@ -49,6 +49,11 @@ def find_comfyui() -> tuple[Path | None, str]:
                   "or install the pack in ComfyUI/custom_nodes")
 
 
+def thread_count() -> int:
+    """Threads for host tests: ``OMP_NUM_THREADS`` when set, else 2 (CI's core count)."""
+    return max(1, int(os.environ.get("OMP_NUM_THREADS") or 2))
+
+
 def _put_host_first(root: Path) -> None:
     # This repo has a `nodes/` package and a `tests/` package; the host has `nodes.py`
     # and `tests/`. The host's `nodes` must win; ours stays reachable as the pack's
@@ -72,12 +77,17 @@ def boot(root: Path) -> Host:
     if version < MIN_TORCH:
         raise RuntimeError(f"torch {torch.__version__} is too old for the host tests (need >= {MIN_TORCH})")
 
+    # a fixed intra-op thread count: reductions split the same way in every run, whatever the load
+    torch.set_num_threads(thread_count())
     _put_host_first(root)
     try:
         from comfy.cli_args import args
 
         # before anything imports comfy.model_management, else it looks for a GPU driver
         args.cpu = os.environ.get("ANTIPURE_TEST_GPU") != "1"
+        # The host's CPU default (sub-quadratic attention) sizes its chunks to the free RAM, so two runs
+        # of one graph differ in the last bits when the machine is loaded; PyTorch's SDPA does not.
+        args.use_pytorch_cross_attention = True
         # before nodes.py puts ComfyUI/comfy first on the path (then `utils` is comfy/utils.py)
         import utils.extra_config  # noqa: F401
         import utils.install_util  # noqa: F401

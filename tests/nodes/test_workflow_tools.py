@@ -434,7 +434,7 @@ def test_cli_runs_a_folder_of_three_images(tmp_path, three_images):
 def _cli(args, env_path):
     env = {**os.environ, "COMFYUI_PATH": env_path}
     return subprocess.run([sys.executable, "-m", "antipure", "run", *args], cwd=PACK_DIR, env=env,
-                          capture_output=True, text=True, timeout=120)
+                          capture_output=True, text=True, timeout=600)
 
 
 def test_cli_exit_codes_before_boot(tmp_path, three_images):
