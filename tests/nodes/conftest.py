@@ -138,6 +138,8 @@ def output_dir(host, tmp_path_factory):
 
     folder = tmp_path_factory.mktemp("output")
     folder_paths.set_output_directory(str(folder))
+    # the server creates its temp folder at start-up; in-process nodes that preview (the host's loss graph) need it
+    folder_paths.set_temp_directory(str(tmp_path_factory.mktemp("temp")))
     return folder
 
 
