@@ -69,6 +69,42 @@ def test_ssim_range_and_tiny_images():
     assert ssim(x[..., :5, :5], y[..., :5, :5]).shape == (2,)
 
 
+@pytest.mark.parametrize("name", ["astronaut", "camera", "coffee", "chelsea", "brick"])
+def test_ssim_matches_scikit_image(name):
+    """The reference: scikit-image's Gaussian SSIM (Wang et al.'s settings), border cropped, channels averaged."""
+    np = pytest.importorskip("numpy")
+    metrics = pytest.importorskip("skimage.metrics", reason="scikit-image is the SSIM reference")
+    a = photo(name)[..., :120, :150].double()
+    g = torch.Generator().manual_seed(0)
+    distorted = {
+        "noise": (a + 0.05 * torch.randn(a.shape, generator=g, dtype=torch.float64)).clamp(0, 1),
+        "blur": torch.nn.functional.avg_pool2d(a, 3, 1, 1, count_include_pad=False),
+        "contrast": a * 0.8 + 0.1,
+        "8/255 sign": (a + 8 / 255 * torch.sign(torch.randn(a.shape, generator=g, dtype=torch.float64))).clamp(0, 1),
+    }
+    gray = name in ("camera", "brick")
+    for label, b in distorted.items():
+        if gray:  # compared as a single channel: the pack's replicated gray must give the gray SSIM
+            ref = metrics.structural_similarity(a[0, 0].numpy(), b[0, 0].numpy(), gaussian_weights=True, sigma=1.5,
+                                                use_sample_covariance=False, data_range=1)
+        else:
+            ref = metrics.structural_similarity(a[0].permute(1, 2, 0).numpy(), b[0].permute(1, 2, 0).numpy(),
+                                                channel_axis=2, gaussian_weights=True, sigma=1.5,
+                                                use_sample_covariance=False, data_range=1)
+        ours = ssim(a[:, :1] if gray else a, b[:, :1] if gray else b).item()
+        assert ours == pytest.approx(float(np.float64(ref)), abs=1e-4), label
+
+
+def test_ssim_padded_border_option():
+    x = photo("astronaut")[..., :64, :64]
+    y = (x + 0.1 * torch.randn(x.shape, generator=torch.Generator().manual_seed(0))).clamp(0, 1)
+    crop, pad = ssim(x, y).item(), ssim(x, y, border="pad").item()
+    assert crop != pytest.approx(pad, abs=1e-3)  # the border pixels the reference leaves out
+    assert ssim(x, x, border="pad").item() == pytest.approx(1.0, abs=1e-5)
+    with pytest.raises(ValueError, match="border"):
+        ssim(x, y, border="same")
+
+
 def test_perturbation_norms_after_8bit_quantisation():
     x = torch.round(torch.rand(2, 3, 16, 16) * 200 + 20) / 255  # on the 8-bit grid
     delta = torch.sign(torch.randn_like(x)) * 8 / 255
