@@ -16,7 +16,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from .common import check_same_shape, to_rgb
+from .common import check_same_shape, gaussian_taps, to_rgb
 
 
 def _pair(x: Tensor, y: Tensor) -> tuple[Tensor, Tensor]:
@@ -37,13 +37,6 @@ def psnr(x: Tensor, y: Tensor) -> Tensor:
     nz = mse > 0
     out[nz] = -10 * torch.log10(mse[nz])
     return out
-
-
-def _gaussian_taps(size: int, sigma: float) -> Tensor:
-    """Normalised 1-D Gaussian of ``size`` taps (scipy's ``gaussian_filter`` kernel), float64."""
-    r = torch.arange(size, dtype=torch.float64) - (size - 1) / 2
-    g = torch.exp(-0.5 * r.square() / sigma**2)
-    return g / g.sum()
 
 
 def _valid_blur(x: Tensor, g: Tensor) -> Tensor:
@@ -86,7 +79,7 @@ def ssim(x: Tensor, y: Tensor, window_size: int = 11, sigma: float = 1.5, border
     if border != "crop":
         raise ValueError(f"border: expected 'crop' (the reference) or 'pad', got {border!r}")
     x, y = x.double(), y.double()
-    g = _gaussian_taps(w, sigma).to(x.device)
+    g = gaussian_taps(w, sigma).to(x.device)
     ux, uy = _valid_blur(x, g), _valid_blur(y, g)
     vx = _valid_blur(x * x, g) - ux * ux
     vy = _valid_blur(y * y, g) - uy * uy

@@ -24,7 +24,7 @@ from pathlib import Path
 import torch
 from torch import Tensor
 
-from .common import ModelNotAvailable, to_rgb
+from .common import ModelNotAvailable, gaussian_taps, to_rgb
 
 LIVE_MODEL_DIR = Path(__file__).with_name("brisque_live")
 _GAMMA_GRID = torch.arange(200, 10001, dtype=torch.float64) / 1000  # MATLAB's 0.2:0.001:10
@@ -133,9 +133,7 @@ def _gaussian_blur(x: Tensor, size: int = 7, sigma: float = 7 / 6) -> Tensor:
     rounding, and the same rounding whatever the batch or thread count (a
     flat area's MSCN is rounding noise whose sign picks its AGGD side).
     """
-    r = torch.arange(size, dtype=x.dtype, device=x.device) - (size - 1) / 2
-    g = torch.exp(-r.square() / (2 * sigma**2))
-    g = (g / g.sum()).tolist()
+    g = gaussian_taps(size, sigma).tolist()
     h, w, p = x.shape[-2], x.shape[-1], size // 2
     xp = torch.nn.functional.pad(x, (p, p))
     x = sum(gk * xp[..., :, k:k + w] for k, gk in enumerate(g))
