@@ -10,7 +10,7 @@ a mean and covariance, and
 Nothing is downloaded. The weights are the standard FID Inception weights,
 supplied by the user in ``weights_dir`` (the node passes ``models/antipure``)
 under either published name (see :data:`INCEPTION_FILES`). They are read with
-``torch.load(weights_only=True)`` or safetensors; torch-fidelity receives the
+``torch.load(weights_only=True)``; torch-fidelity receives the
 checked tensors in memory (its own loader would unpickle with
 ``weights_only=False``).
 
@@ -36,8 +36,7 @@ from .common import ModelNotAvailable, package_dir, to_rgb, to_uint8_hwc
 from .optional import load_weights
 
 # pytorch-fid's and torch-fidelity's names of the same converted TF Inception (2015-12-05) weights
-INCEPTION_FILES = ("pt_inception-2015-12-05-6726825d.pth", "weights-inception-2015-12-05-6726825d.pth",
-                   "inception-2015-12-05.safetensors")
+INCEPTION_FILES = ("pt_inception-2015-12-05-6726825d.pth", "weights-inception-2015-12-05-6726825d.pth")
 FID_INSTALL = "pip install --no-deps torch-fidelity==0.4.0"
 MIN_IMAGES = 2  # a covariance needs two samples; FID from few images is strongly biased upwards
 
@@ -92,7 +91,8 @@ def _inception(path: Path, mtime: float) -> torch.nn.Module:
     try:
         return module.FeatureExtractorInceptionV3("inception-v3-compat", ["2048"], feature_extractor_weights_path=buf)
     except RuntimeError as e:  # load_state_dict: missing / unexpected keys or shapes
-        raise ValueError(f"{path}: not the FID Inception-v3 weights ({str(e).splitlines()[0]})") from None
+        raise ModelNotAvailable(f"{path} is not the FID Inception-v3 weights ({str(e).splitlines()[0]}); "
+                                f"replace it with pytorch-fid's {INCEPTION_FILES[0]}") from None
 
 
 def inception_features(x: Tensor, weights_dir: str | os.PathLike | None = None, batch_size: int = 8) -> Tensor:
@@ -152,7 +152,7 @@ def fid(x: Tensor, y: Tensor, weights_dir: str | os.PathLike | None = None,
 
     Raises:
         TooFewImages: a set has fewer than :data:`MIN_IMAGES` images.
-        ModelNotAvailable: torch-fidelity or the weights are missing (message: what to put where).
+        ModelNotAvailable: torch-fidelity or the weights are missing or wrong (message: what to put where).
     """
     for t, name in zip((x, y), names):
         if t.shape[0] < MIN_IMAGES:

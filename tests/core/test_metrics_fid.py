@@ -76,7 +76,7 @@ def test_fid_missing_or_wrong_weights(tmp_path):
     with pytest.raises(ModelNotAvailable, match=f"{INCEPTION_FILES[0]}.*in {tmp_path}"):
         fid(images(2, 0), images(2, 1), tmp_path)
     torch.save({"conv.weight": torch.zeros(1)}, tmp_path / INCEPTION_FILES[0])
-    with pytest.raises(ValueError, match="not the FID Inception-v3 weights"):
+    with pytest.raises(ModelNotAvailable, match="is not the FID Inception-v3 weights"):
         fid(images(2, 0), images(2, 1), tmp_path)
 
 
