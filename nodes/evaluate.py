@@ -24,7 +24,7 @@ BETTER = {
     "generated/brisque": "higher", "generated/grid_score": "higher", "generated/hf_ratio": "higher",
     "generated/face_detection_failure_rate": "higher", "generated/identity_similarity": "lower",
     "generated/identity_distance": "higher", "generated/arcface_similarity": "lower",
-    "generated/clip_iqa": "lower", "generated/liqe": "lower",
+    "generated/clip_iqa": "lower", "generated/liqe": "lower", "generated/fid": "higher",
 }
 
 
@@ -123,9 +123,9 @@ class AntiPureEvaluate(io.ComfyNode):
             category="AntiPure",
             description="Score a protect → purify → customize → generate experiment: perceptibility of the "
                         "perturbation (PSNR, SSIM, L∞/L2, LPIPS) and the distortion it leaves (BRISQUE, grid "
-                        "artifacts, face detection failure, identity similarity, CLIP-IQA). Appends one row per "
-                        "run to <output>/<filename_prefix>.json/.csv; Evaluate nodes with different labels and "
-                        "the same prefix build one comparison table and plot.",
+                        "artifacts, face detection failure, identity similarity, CLIP-IQA, FID of generated vs "
+                        "clean). Appends one row per run to <output>/<filename_prefix>.json/.csv; Evaluate nodes "
+                        "with different labels and the same prefix build one comparison table and plot.",
             inputs=[
                 io.Image.Input("clean", tooltip="The original, unprotected images: the reference for every "
                                                 "comparison and the identity for face metrics."),
@@ -156,7 +156,9 @@ class AntiPureEvaluate(io.ComfyNode):
                                tooltip="Images sampled from the model customized on the (purified) images, any "
                                        "count and size. Optional weights in models/antipure/: arcface.onnx "
                                        "(needs onnxruntime) for ArcFace identity, a transformers CLIP folder "
-                                       "clip/ (needs transformers) for CLIP-IQA."),
+                                       "clip/ (needs transformers) for CLIP-IQA, the FID Inception weights "
+                                       "pt_inception-2015-12-05-6726825d.pth (needs torch-fidelity) for FID "
+                                       "against clean (2+ images in each)."),
             ],
             outputs=[
                 io.String.Output(display_name="report", tooltip="Markdown report: this run's metrics, why any "

@@ -20,6 +20,7 @@ face_detection_failure_rate        faces             generated: higher
 identity_similarity (dlib/ArcFace) faces, optional   generated: lower
 identity_distance (dlib)           faces             generated: higher
 clip_iqa                           optional          generated: lower
+fid (generated vs clean)           fid               generated: higher
 =================================  ================  ========================
 
 Adaptations (documented, never silent corruption): gray images are
@@ -41,6 +42,7 @@ from .artifacts import grid_artifact_score, high_frequency_ratio
 from .common import ModelNotAvailable, check_same_shape, resize_to, to_rgb
 from .faces import (face_detection_failure_rate, face_embeddings, identity_scores, reference_embedding,
                     resolve_face_backend)
+from .fid import TooFewImages, fid, find_inception
 from .optional import arcface_similarity, clip_iqa, liqe, lpips_alex
 from .perceptibility import perturbation_norms, psnr, ssim
 from .quality import brisque
@@ -50,8 +52,8 @@ Value = float | str
 
 __all__ = [
     "ModelNotAvailable", "append_results", "arcface_similarity", "brisque", "clip_iqa", "evaluate",
-    "face_detection_failure_rate", "grid_artifact_score", "high_frequency_ratio", "is_number", "liqe", "lpips_alex",
-    "markdown_table", "perturbation_norms", "psnr", "ssim", "tables_markdown",
+    "face_detection_failure_rate", "fid", "grid_artifact_score", "high_frequency_ratio", "is_number", "liqe",
+    "lpips_alex", "markdown_table", "perturbation_norms", "psnr", "ssim", "tables_markdown",
 ]
 
 
@@ -93,12 +95,14 @@ def evaluate(clean: Tensor, protected: Tensor | None = None, purified: Tensor | 
             ``clean`` (resized to its size if needed): psnr/ssim vs clean and
             the no-reference scores (grid_score, hf_ratio, brisque).
         generated: images sampled from the customized model, any batch and
-            size: no-reference scores, clip_iqa, liqe and, with
+            size: no-reference scores, clip_iqa, liqe, FID against ``clean``
+            (both sets need 2+ images) and, with
             ``faces=True``, the face detection failure rate and identity
             similarity to the faces in ``clean``.
         patch_size: grid period for grid_score / hf_ratio (8 = SD's VAE).
         weights_dir: folder with user-supplied weights (LPIPS, ArcFace,
-            CLIP-IQA); see :mod:`antipure_core.metrics.optional`.
+            CLIP-IQA, FID's Inception); see :mod:`antipure_core.metrics.optional`
+            and :mod:`antipure_core.metrics.fid`.
         faces: compute face metrics (turn off for art-style experiments).
         face_backend: ``'auto'``, ``'dlib'`` or ``'skimage'``.
 
@@ -141,12 +145,23 @@ def evaluate(clean: Tensor, protected: Tensor | None = None, purified: Tensor | 
         out["generated/clip_iqa"] = _safe(lambda: clip_iqa(generated, weights_dir))
         out["clean/clip_iqa"] = _safe(lambda: clip_iqa(clean, weights_dir))
         out["generated/liqe"] = _safe(lambda: liqe(generated, weights_dir))
+        out["generated/fid"] = _fid(generated, clean, weights_dir)
         if faces:
             out.update(_face_metrics(clean, generated, face_backend, weights_dir))
 
     if notes:
         out["notes"] = "; ".join(notes)
     return out
+
+
+def _fid(generated: Tensor, clean: Tensor, weights_dir) -> Value:
+    try:
+        find_inception(weights_dir)  # a missing weight file is reported even when a set is too small
+        return fid(generated, clean, weights_dir, names=("generated", "clean"))
+    except ModelNotAvailable as e:
+        return f"not available: {e}"
+    except TooFewImages as e:
+        return f"n/a: {e}"
 
 
 def _face_metrics(clean: Tensor, generated: Tensor, backend: str, weights_dir) -> dict[str, Value]:

@@ -45,6 +45,13 @@ def resize_to(x: Tensor, size: tuple[int, int]) -> Tensor:
     return F.interpolate(x, size=size, mode="bicubic", align_corners=False, antialias=True).clamp(0, 1)
 
 
+def gaussian_taps(size: int, sigma: float) -> Tensor:
+    """Normalised 1-D Gaussian of ``size`` taps around the middle one, float64 (MATLAB fspecial / scipy)."""
+    r = torch.arange(size, dtype=torch.float64) - (size - 1) / 2
+    g = torch.exp(-r.square() / (2 * sigma**2))
+    return g / g.sum()
+
+
 def to_uint8_hwc(x: Tensor) -> list[np.ndarray]:
     """``(B, 3, H, W)`` in [0, 1] -> list of contiguous ``(H, W, 3)`` uint8 arrays (for dlib / scikit-image)."""
     u8 = torch.round(x.detach().float().clamp(0, 1) * 255).to(torch.uint8).permute(0, 2, 3, 1).cpu().numpy()

@@ -1,23 +1,22 @@
-"""BRISQUE no-reference image quality (Mittal, Moorthy, Bovik, IEEE TIP 2012).
+"""BRISQUE no-reference image quality (Mittal, Moorthy, Bovik, IEEE TIP 2012), as the authors' release scores it.
 
 The 36 natural-scene-statistics features are computed here in torch
 (float64) following the authors' MATLAB release (``brisque_feature.m``,
 ``estimateggdparam.m``, ``estimateaggdparam.m``, ``imresize``): MSCN
 coefficients of the 8-bit luma with a 7x7 Gaussian window (sigma 7/6, C = 1),
 a GGD fit of the MSCN field and AGGD fits of its four pairwise products, at
-full and half scale. The trained predictor is the standard LIVE-trained
-epsilon-SVR (RBF, gamma 0.05, 770 support vectors) and its feature ranges,
-read as data from the files that the PyPI package ``brisque`` ships
-(``brisque/models/svm.txt``, ``normalize.pickle``). That package is never
-imported (it needs OpenCV and libsvm at import time); its pickle is read with
-an unpickler that refuses every global, so only plain lists and floats load.
-
-Nothing is downloaded: without the package, :func:`brisque` raises
-:class:`ModelNotAvailable` whose message says what to install.
+full and half scale. The score is the release's own trained predictor: the
+libsvm epsilon-SVR ``allmodel`` (RBF, gamma 0.05, 774 support vectors,
+trained on the whole LIVE database) after ``svm-scale -r allrange``, both
+bundled in ``brisque_live/`` with the release's copyright notice and read as
+text (nothing is unpickled or executed). The text round trip of the release
+(``fprintf('%f')`` of the features, ``%g`` output of svm-scale) is kept, so the
+numbers are those of ``brisquescore.m``: on the published MATLAB outputs for
+TID2013 images the difference is below 2e-3 except where large flat areas
+make the reference itself depend on floating-point rounding (tests).
 """
 from __future__ import annotations
 
-import pickle
 from dataclasses import dataclass
 from functools import lru_cache
 from pathlib import Path
@@ -25,12 +24,17 @@ from pathlib import Path
 import torch
 from torch import Tensor
 
-from .common import ModelNotAvailable, package_dir, to_rgb
+from .common import ModelNotAvailable, gaussian_taps, to_rgb
 
-BRISQUE_INSTALL_HINT = "pip install brisque==0.2.0 (ships the LIVE-trained BRISQUE SVR model)"
+LIVE_MODEL_DIR = Path(__file__).with_name("brisque_live")
 _GAMMA_GRID = torch.arange(200, 10001, dtype=torch.float64) / 1000  # MATLAB's 0.2:0.001:10
 # MATLAB rgb2gray weights (ITU-R BT.601 luma as MATLAB rounds them)
 _LUMA = (0.298936021293775, 0.587043074451121, 0.114020904255103)
+
+
+def _round_significant(x: Tensor, digits: int = 6) -> Tensor:
+    """C's ``%g``: ``digits`` significant decimal digits, as svm-scale writes its output."""
+    return torch.tensor([float(f"{v:.{digits}g}") for v in x.flatten().tolist()], dtype=x.dtype).view(x.shape)
 
 
 @dataclass(frozen=True)
@@ -38,7 +42,9 @@ class SVRModel:
     """An RBF epsilon-SVR in libsvm's form: ``f(x) = sum_i coef_i exp(-gamma |x - sv_i|^2) - rho``.
 
     ``feature_min``/``feature_max`` scale raw features to [-1, 1] first, as
-    ``svm-scale`` did when the model was trained.
+    ``svm-scale -r`` does. With ``text_round_trip`` the features are rounded
+    as the release's files carry them (6 decimals, then 6 significant digits
+    after scaling).
     """
 
     support_vectors: Tensor  # (N, D) float64
@@ -47,28 +53,29 @@ class SVRModel:
     gamma: float
     feature_min: Tensor  # (D,)
     feature_max: Tensor  # (D,)
+    text_round_trip: bool = False
 
     def predict(self, features: Tensor) -> Tensor:
-        """``(B, D)`` raw features -> ``(B,)`` predictions."""
-        x = -1 + 2 * (features.double().cpu() - self.feature_min) / (self.feature_max - self.feature_min)
+        """``(B, D)`` raw features -> ``(B,)`` predictions, float64."""
+        f = features.double().cpu()
+        if self.text_round_trip:
+            f = torch.round(f * 1e6) / 1e6  # fprintf('%f')
+        x = -1 + 2 * (f - self.feature_min) / (self.feature_max - self.feature_min)
+        if self.text_round_trip:
+            x = _round_significant(x)
         k = torch.exp(-self.gamma * torch.cdist(x, self.support_vectors).square())
         return k @ self.coef - self.rho
 
 
-class _NoGlobalsUnpickler(pickle.Unpickler):
-    def find_class(self, module, name):  # a data file never needs code; refuse it
-        raise pickle.UnpicklingError(f"refusing to load {module}.{name} from a model range file")
-
-
 def parse_libsvm_model(text: str) -> tuple[dict[str, str], Tensor, Tensor]:
     """Parse a libsvm text model into (header, support vectors ``(N, D)``, coefficients ``(N,)``)."""
-    lines = text.splitlines()
+    lines = [line.strip() for line in text.splitlines()]
     try:
         start = lines.index("SV")
     except ValueError:
         raise ValueError("libsvm model: no 'SV' line found") from None
     header = dict(line.split(" ", 1) for line in lines[:start] if " " in line)
-    rows = [line.split() for line in lines[start + 1:] if line.strip()]
+    rows = [line.split() for line in lines[start + 1:] if line]
     dim = max(int(tok.split(":")[0]) for row in rows for tok in row[1:])
     sv = torch.zeros(len(rows), dim, dtype=torch.float64)
     coef = torch.empty(len(rows), dtype=torch.float64)
@@ -80,61 +87,65 @@ def parse_libsvm_model(text: str) -> tuple[dict[str, str], Tensor, Tensor]:
     return header, sv, coef
 
 
-def brisque_model_dir() -> Path | None:
-    """Folder holding ``svm.txt`` and ``normalize.pickle`` of the installed ``brisque`` package, or None."""
-    root = package_dir("brisque")  # its __init__ would import OpenCV and libsvm
-    if root is None:
-        return None
-    folder = root / "models"
-    return folder if (folder / "svm.txt").is_file() and (folder / "normalize.pickle").is_file() else None
+def parse_svm_scale_range(text: str) -> tuple[float, float, Tensor, Tensor]:
+    """Parse an ``svm-scale -s`` range file: ``x``, ``lower upper``, then ``index min max`` lines.
+
+    Returns ``(lower, upper, feature_min (D,), feature_max (D,))``.
+    """
+    lines = [line.split() for line in text.splitlines() if line.strip()]
+    if not lines or lines[0] != ["x"] or len(lines[1]) != 2:
+        raise ValueError("svm-scale range: expected 'x' then 'lower upper' on the first two lines")
+    lower, upper = map(float, lines[1])
+    body = sorted((int(i), float(lo), float(hi)) for i, lo, hi in lines[2:])
+    if [i for i, _, _ in body] != list(range(1, len(body) + 1)):
+        raise ValueError("svm-scale range: feature indices must run 1..D")
+    return (lower, upper, torch.tensor([lo for _, lo, _ in body], dtype=torch.float64),
+            torch.tensor([hi for _, _, hi in body], dtype=torch.float64))
 
 
 @lru_cache(maxsize=2)
 def load_brisque_model(model_dir: str | None = None) -> SVRModel:
-    """Load the LIVE-trained BRISQUE SVR from ``model_dir`` (default: the ``brisque`` package's files).
+    """Load a BRISQUE SVR from ``model_dir`` (``allmodel`` + ``allrange``; default: the bundled LIVE release).
 
     Raises:
-        ModelNotAvailable: the package (or the files) are missing.
-        ValueError: the files are not a 36-feature RBF epsilon-SVR with 36 ranges.
+        ModelNotAvailable: the files are missing from ``model_dir``.
+        ValueError: the files are not a 36-feature RBF epsilon-SVR with 36 ranges scaled to [-1, 1].
     """
-    folder = Path(model_dir) if model_dir else brisque_model_dir()
-    if folder is None or not (folder / "svm.txt").is_file():
-        raise ModelNotAvailable(f"BRISQUE model not found: {BRISQUE_INSTALL_HINT}")
-    header, sv, coef = parse_libsvm_model((folder / "svm.txt").read_text())
+    folder = Path(model_dir) if model_dir else LIVE_MODEL_DIR
+    model_file, range_file = folder / "allmodel", folder / "allrange"
+    if not model_file.is_file() or not range_file.is_file():
+        raise ModelNotAvailable(f"BRISQUE model not found: {folder} needs the release's 'allmodel' and 'allrange'")
+    header, sv, coef = parse_libsvm_model(model_file.read_text())
     if header.get("svm_type") != "epsilon_svr" or header.get("kernel_type") != "rbf" or sv.shape[1] != 36:
-        raise ValueError(f"{folder / 'svm.txt'}: expected a 36-feature RBF epsilon-SVR, got {header} "
+        raise ValueError(f"{model_file}: expected a 36-feature RBF epsilon-SVR, got {header} "
                          f"with {sv.shape[1]} features")
-    with open(folder / "normalize.pickle", "rb") as f:
-        ranges = _NoGlobalsUnpickler(f).load()
-    if not isinstance(ranges, dict) or len(ranges.get("min_", ())) != 36 or len(ranges.get("max_", ())) != 36:
-        raise ValueError(f"{folder / 'normalize.pickle'}: expected {{'min_': 36 floats, 'max_': 36 floats}}")
-    return SVRModel(sv, coef, float(header["rho"]), float(header["gamma"]),
-                    torch.tensor([float(v) for v in ranges["min_"]], dtype=torch.float64),
-                    torch.tensor([float(v) for v in ranges["max_"]], dtype=torch.float64))
+    lower, upper, lo, hi = parse_svm_scale_range(range_file.read_text())
+    if (lower, upper) != (-1.0, 1.0) or lo.numel() != 36:
+        raise ValueError(f"{range_file}: expected 36 feature ranges scaled to [-1, 1], got {lo.numel()} "
+                         f"to [{lower}, {upper}]")
+    return SVRModel(sv, coef, float(header["rho"]), float(header["gamma"]), lo, hi, text_round_trip=True)
 
 
 def _gaussian_blur(x: Tensor, size: int = 7, sigma: float = 7 / 6) -> Tensor:
-    """MATLAB ``filter2(fspecial('gaussian', 7, 7/6), x, 'same')`` of ``(B, 1, H, W)``: zero padding.
+    """MATLAB ``filter2(fspecial('gaussian', 7, 7/6), x, 'same')`` of ``(B, H, W)``: zero padding.
 
-    The normalised 2-D Gaussian is the outer product of normalised 1-D ones,
-    so two 1-D passes give the same result (to rounding) at a third of the cost.
+    Two 1-D passes of explicit taps: the same result as the 2-D window to
+    rounding, and the same rounding whatever the batch or thread count (a
+    flat area's MSCN is rounding noise whose sign picks its AGGD side).
     """
-    r = torch.arange(size, dtype=x.dtype, device=x.device) - (size - 1) / 2
-    g = torch.exp(-r.square() / (2 * sigma**2))
-    g = g / g.sum()
-    x = torch.nn.functional.conv2d(x, g.view(1, 1, 1, size), padding=(0, size // 2))
-    return torch.nn.functional.conv2d(x, g.view(1, 1, size, 1), padding=(size // 2, 0))
+    g = gaussian_taps(size, sigma).tolist()
+    h, w, p = x.shape[-2], x.shape[-1], size // 2
+    xp = torch.nn.functional.pad(x, (p, p))
+    x = sum(gk * xp[..., :, k:k + w] for k, gk in enumerate(g))
+    xp = torch.nn.functional.pad(x, (0, 0, p, p))
+    return sum(gk * xp[..., k:k + h, :] for k, gk in enumerate(g))
 
 
 def _mscn(img: Tensor) -> Tensor:
     """Mean-subtracted contrast-normalised coefficients of ``(B, H, W)`` luma in [0, 255]."""
-    x = img[:, None]
-    mu = _gaussian_blur(x)
-    var = _gaussian_blur(x * x) - mu * mu
-    m = ((x - mu) / (var.abs().sqrt() + 1))[:, 0]
-    # flat regions give rounding noise (~1e-13) instead of 0, whose random sign would
-    # move the AGGD's strict x<0 / x>0 buckets with the summation order
-    return torch.where(m.abs() < 1e-8, torch.zeros_like(m), m)
+    mu = _gaussian_blur(img)
+    var = _gaussian_blur(img * img) - mu * mu
+    return (img - mu) / (var.abs().sqrt() + 1)
 
 
 @lru_cache(maxsize=4)
@@ -211,19 +222,21 @@ def brisque_features(x: Tensor) -> Tensor:
 
 
 def brisque(x: Tensor, model_dir: str | None = None) -> Tensor:
-    """BRISQUE score of each image, ``(B,)`` float.
+    """BRISQUE score of each image, ``(B,)`` float, as the authors' release computes it.
 
     Range: about 0 (pristine) to 100 (heavily distorted) on LIVE-like images;
-    mildly negative for very clean ones, not clamped. Lower = better quality,
-    higher = more distortion. Flat images have no statistics and give NaN.
+    mildly negative for very clean ones, above 100 for some, not clamped.
+    Lower = better quality, higher = more distortion. Images of one flat
+    gray level have no statistics and give NaN.
 
     Args:
         x: images ``(B, C, H, W)`` in [0, 1], at least 16x16 (gray/RGBA adapted).
-        model_dir: a folder with ``svm.txt`` and ``normalize.pickle``; default
-            the files of the installed ``brisque`` package.
-
-    Raises:
-        ModelNotAvailable: the model files are missing (message: how to install).
+        model_dir: a folder with another ``allmodel`` / ``allrange`` pair;
+            default the bundled LIVE release model.
     """
     model = load_brisque_model(model_dir)
-    return model.predict(brisque_features(x)).float()
+    x = to_rgb(x, "x")
+    score = model.predict(brisque_features(x)).float()
+    levels = torch.round(x.double() * 255).flatten(1)
+    flat = (levels == levels[:, :1]).all(1).cpu()
+    return torch.where(flat, torch.full_like(score, float("nan")), score)

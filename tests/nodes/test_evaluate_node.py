@@ -188,3 +188,45 @@ def test_optional_weights_folder_is_registered_and_named(host, node, inputs, out
     assert isinstance(row["generated/clip_iqa"], float) or row["generated/clip_iqa"].startswith("not available")
     if not isinstance(lpips, float):
         assert f"optional metric weights are read from `{folder}`" in out.args[0]
+
+
+@pytest.fixture
+def inception_folder(tmp_path):
+    """A random-weight FID Inception in a temporary ``antipure`` model folder, first in the host's search order."""
+    from tests.inception_toy import save_random_inception
+
+    folder = tmp_path / "antipure"
+    save_random_inception(folder)
+    folder_paths.add_model_folder_path("antipure", str(folder), is_default=True)
+    yield folder
+    folder_paths.folder_names_and_paths["antipure"][0].remove(str(folder))
+
+
+def test_fid_through_the_node_with_user_weights(graph, inputs, output_dir, inception_folder):
+    g = GraphBuilder(prefix="")
+    load = {k: g.node("LoadImage", image=inputs[k]) for k in ("clean", "protected8", "purified", "generated")}
+    clean = g.node("ImageBatch", image1=load["clean"].out(0), image2=load["protected8"].out(0))
+    generated = g.node("ImageBatch", image1=load["generated"].out(0), image2=load["purified"].out(0))
+    ev = g.node("AntiPureEvaluate", clean=clean.out(0), generated=generated.out(0), label="fid",
+                filename_prefix="fid/results", faces=False, patch_size=8)
+    result = graph.run(g)
+    assert result.ok, result.error
+    row = json.loads((output_dir / "fid" / "results.json").read_text())["fid"][0]
+    assert isinstance(row["generated/fid"], float) and row["generated/fid"] > 0
+    assert float(read_csv(output_dir / "fid" / "results.csv")[0]["generated/fid"]) == row["generated/fid"]
+    report = result.outputs[ev.id][0][0]
+    assert "| generated/fid | " in report and "| higher |" in report.split("| generated/fid |")[1].splitlines()[0]
+
+
+def test_fid_missing_weights_say_which_file_where(host, node, inputs, output_dir):
+    from tests.inception_toy import INCEPTION_FILES
+
+    folder = host.pack_import("nodes.evaluate").weights_folder()
+    if any((Path(folder) / name).is_file() for name in INCEPTION_FILES):
+        pytest.fail(f"{folder} holds real FID weights; this test needs a host without them")
+    out = node.execute(clean=_img(b=2), generated=_img(b=2, seed=1), label="nofid", filename_prefix="nofid/results",
+                       faces=False, patch_size=8)
+    fid = json.loads((output_dir / "nofid" / "results.json").read_text())["nofid"][0]["generated/fid"]
+    assert fid.startswith("not available: ") and INCEPTION_FILES[0] in fid and folder in fid
+    assert f"generated/fid: not available: FID needs the standard FID Inception weights: put pytorch-fid's " \
+           f"{INCEPTION_FILES[0]}" in out.args[0]
