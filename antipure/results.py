@@ -99,7 +99,12 @@ class Staging:
         return names
 
     def discard(self) -> None:
+        """Drop what this attempt staged (and ``.partial/`` itself once no attempt uses it)."""
         shutil.rmtree(self.root, ignore_errors=True)
+        try:
+            self.root.parent.rmdir()
+        except OSError:
+            pass  # another attempt still stages there, or it is gone already
 
 
 class ResultsTable:

@@ -130,11 +130,14 @@ def test_when_every_server_is_gone_the_rest_fails_with_the_reason():
 def test_an_exception_from_a_callback_stops_the_run():
     a = FakeServer("a")
 
+    class Stop(Exception):
+        pass
+
     def on_event(event, server, item, data):
         if event == "done":
-            raise KeyboardInterrupt
+            raise Stop
 
-    with pytest.raises(KeyboardInterrupt):
+    with pytest.raises(Stop):
         asyncio.run(Scheduler([a], on_event=on_event).run(range(5)))
     assert len(a.ran) == 1
 

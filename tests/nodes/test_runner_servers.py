@@ -33,6 +33,7 @@ from tests.nodes.test_workflow_tools import UIGraph, write_image
 
 COMFY_ROOT = Path(nodes.__file__).parent
 SETS = ["Noise.method=gaussian_noise", "Noise.seed=7", "Noise.noise_sigma=0.2"]
+SETS_ARGS = [arg for item in SETS for arg in ("--set", item)]
 
 
 @pytest.fixture(scope="module")
@@ -98,7 +99,7 @@ def test_a_folder_is_sharded_over_both_servers_like_the_in_process_run(servers, 
 
     (images / "broken.png").unlink()
     code = cli.main(["run", str(workflow), "--images", str(images), "--out", str(tmp_path / "local"), "--no-progress",
-                     "--comfyui", str(COMFY_ROOT), *[a for s in SETS for a in ("--set", s)]])
+                     "--comfyui", str(COMFY_ROOT), *SETS_ARGS])
     assert code == errors.EXIT_OK
     local = rows(tmp_path / "local")
     far = [r for r in rows(tmp_path / "remote") if r["image"] != "broken.png"]
@@ -113,17 +114,25 @@ def test_a_folder_is_sharded_over_both_servers_like_the_in_process_run(servers, 
         assert np.array_equal(a, b)  # same seed, same noise, whichever machine ran it
         assert a.std() > 5  # the noise is there
     assert not (tmp_path / "remote" / ".partial").exists()
+    # in-process --resume: everything is done, nothing is run or rewritten
+    before = {p: p.stat().st_mtime_ns for p in (tmp_path / "local").rglob("*")}
+    assert cli.main(["run", str(workflow), "--images", str(images), "--out", str(tmp_path / "local"),
+                     "--no-progress", "--comfyui", str(COMFY_ROOT), "--resume", *SETS_ARGS]) == errors.EXIT_OK
+    assert {p: p.stat().st_mtime_ns for p in (tmp_path / "local").rglob("*")} == before
 
 
 def test_resume_after_an_interrupted_run_redoes_only_what_is_missing(servers, batch, tmp_path):
     workflow, images = batch
     out = tmp_path / "out"
 
+    class Stop(Exception):
+        pass
+
     def stop_after_three(event, server, image, data):
         if event == "done" and sum(1 for _ in rows(out)) == 3:
-            raise KeyboardInterrupt
+            raise Stop  # the run dies here, with the other server's job in flight
 
-    with pytest.raises(KeyboardInterrupt):
+    with pytest.raises(Stop):
         remote(workflow, images, out, servers, on_event=stop_after_three)
     first = rows(out)
     assert len(first) == 3 and all(r["status"] == "ok" for r in first)
