@@ -63,8 +63,9 @@ def _parser() -> argparse.ArgumentParser:
                         "instead of running in this process (repeatable)")
     r.add_argument("--per-server", type=int, default=1, metavar="N",
                    help="jobs in flight on each --server (default 1)")
-    r.add_argument("--retries", type=int, default=3, metavar="N",
-                   help="with --server: attempts per image when a server fails or disappears (default 3)")
+    r.add_argument("--retries", type=int, default=2, metavar="N",
+                   help="with --server: how often an image is re-queued on another server after a server "
+                        "failed or disappeared under it (default 2)")
     r.add_argument("--no-progress", action="store_true", help="no progress bars")
     r.add_argument("--verbose", action="store_true", help="show the host's log")
     return p
@@ -107,8 +108,8 @@ async def _run_remote(ns: argparse.Namespace) -> list[ImageResult]:
         if value:
             raise RunnerError(EXIT_NO_HOST, f"{flag} applies to the in-process run; with --server the "
                                             "servers' own models and devices are used")
-    if ns.per_server < 1 or ns.retries < 1:
-        raise RunnerError(EXIT_NO_HOST, "--per-server and --retries must be at least 1")
+    if ns.per_server < 1 or ns.retries < 0:
+        raise RunnerError(EXIT_NO_HOST, "--per-server must be at least 1 and --retries at least 0")
     workflow, images = _check_inputs(ns)
     try:
         from .remote import run_remote
@@ -116,7 +117,7 @@ async def _run_remote(ns: argparse.Namespace) -> list[ImageResult]:
         raise RunnerError(EXIT_NO_HOST, f"--server needs the Python module '{e.name}': "
                                         f"run {Path(sys.executable).name} -m pip install {e.name}") from None
     return await run_remote(workflow, images, Path(ns.out), ns.servers, sets=ns.sets, image_node=ns.image_node,
-                            per_server=ns.per_server, attempts=ns.retries, resume=ns.resume,
+                            per_server=ns.per_server, attempts=ns.retries + 1, resume=ns.resume,
                             progress=not ns.no_progress)
 
 

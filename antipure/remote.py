@@ -30,7 +30,7 @@ import json
 import sys
 import time
 import uuid
-from pathlib import Path
+from pathlib import Path, PurePosixPath
 from typing import Any, Callable, Mapping, Sequence
 
 import aiohttp
@@ -185,8 +185,9 @@ class ComfyServer:
         outputs = entry.get("outputs") or {}
         files = []
         for sub, filename in reported_files({k: v for k, v in outputs.items() if k not in b.viewers}):
-            local = staging.local_name(sub, filename, SERVER_FOLDER) or f"{image.stem}/{sub}/{filename}".replace(
-                "//", "/")
+            # a file saved outside the prefix folder (a node that ignores filename_prefix) joins the image's
+            local = (staging.local_name(sub, filename, SERVER_FOLDER)
+                     or PurePosixPath(image.stem, sub.replace("\\", "/"), filename).as_posix())
             status, data = await self._request("GET", "/view", params={"filename": filename, "subfolder": sub,
                                                                         "type": "output"})
             if status != 200 or not isinstance(data, bytes):
