@@ -120,14 +120,15 @@ class ComfyServer:
         self.session = session
         self.batch = batch
 
-    async def _request(self, method: str, path: str, **kw) -> tuple[int, Any]:
-        """(HTTP status, JSON or bytes); connection problems and 5xx are :class:`ServerGone`."""
+    async def _request(self, method: str, path: str, raw: bool = False, **kw) -> tuple[int, Any]:
+        """(HTTP status, JSON answer, or the bytes with ``raw``); connection problems and 5xx are
+        :class:`ServerGone`."""
         try:
             async with self.session.request(method, self.name + path, **kw) as r:
                 body = await r.read()
                 if r.status >= 500:
                     raise ServerGone(f"HTTP {r.status} from {method} {path}: {body[:300].decode(errors='replace')}")
-                if r.content_type == "application/json":
+                if not raw and r.content_type == "application/json":
                     return r.status, json.loads(body)
                 return r.status, body
         except (aiohttp.ClientError, asyncio.TimeoutError, OSError) as e:
@@ -153,8 +154,19 @@ class ComfyServer:
             staging.discard()  # after a commit there is nothing left; after a failure, the partial files
 
     async def _run(self, image: Path, staging: Staging, report: Callable[[str, dict], None]) -> ImageResult:
-        b = self.batch
         t0 = time.perf_counter()
+        name = await self._upload(image, staging)
+        prompt = set_image(self.batch.prompt, self.batch.image_input, name, staging.prefix_folder(SERVER_FOLDER))
+        outputs = await self._execute(prompt, report)
+        files = [await self._download(sub, filename, image, staging)
+                 for sub, filename in reported_files({k: v for k, v in outputs.items() if k not in self.batch.viewers})]
+        result = ImageResult(image=image.name, seconds=round(time.perf_counter() - t0, 3))
+        result.strings = self._strings(prompt, outputs)
+        result.outputs = staging.commit(files)
+        return result
+
+    async def _upload(self, image: Path, staging: Staging) -> str:
+        """Upload into ``input/antipure/<token>/``; returns the value for the image input."""
         form = aiohttp.FormData()
         form.add_field("image", image.read_bytes(), filename=image.name)
         form.add_field("subfolder", f"{SERVER_FOLDER}/{staging.token}")
@@ -162,13 +174,15 @@ class ComfyServer:
         status, up = await self._request("POST", "/upload/image", data=form)
         if status != 200 or not isinstance(up, dict):
             raise JobError(f"{self.name} refused the upload of {image.name}: HTTP {status}", "invalid")
-        name = f"{up['subfolder']}/{up['name']}" if up.get("subfolder") else up["name"]
-        shown = set_image(b.prompt, b.image_input, name, staging.prefix_folder(SERVER_FOLDER))
-        sent = dict(shown)
-        for vid, (nid, slot) in b.viewers.items():
+        return f"{up['subfolder']}/{up['name']}" if up.get("subfolder") else up["name"]
+
+    async def _execute(self, prompt: dict, report: Callable[[str, dict], None]) -> dict:
+        """Queue ``prompt`` (plus the text viewers) and wait for it; returns its history ``outputs``."""
+        sent = dict(prompt)
+        for vid, (nid, slot) in self.batch.viewers.items():
             sent[vid] = {"class_type": _VIEWER, "inputs": {"source": [nid, slot]}}
         client_id = uuid.uuid4().hex
-        try:
+        try:  # connected before queueing, so no event is missed
             ws = await self.session.ws_connect(f"{self.name}/ws?clientId={client_id}", heartbeat=30)
         except (aiohttp.ClientError, asyncio.TimeoutError, OSError) as e:
             raise ServerGone(f"websocket: {type(e).__name__}: {e}") from None
@@ -178,36 +192,36 @@ class ComfyServer:
                 raise JobError(_validation_message(answer), "invalid")
             if status != 200 or not isinstance(answer, dict) or "prompt_id" not in answer:
                 raise ServerGone(f"POST /prompt answered HTTP {status}: {str(answer)[:300]}")
-            prompt_id = answer["prompt_id"]
-            entry = await self._wait(ws, prompt_id, report)
+            entry = await self._wait(ws, answer["prompt_id"], report)
         finally:
             await ws.close()
-        outputs = entry.get("outputs") or {}
-        files = []
-        for sub, filename in reported_files({k: v for k, v in outputs.items() if k not in b.viewers}):
-            # a file saved outside the prefix folder (a node that ignores filename_prefix) joins the image's
-            local = (staging.local_name(sub, filename, SERVER_FOLDER)
-                     or PurePosixPath(image.stem, sub.replace("\\", "/"), filename).as_posix())
-            status, data = await self._request("GET", "/view", params={"filename": filename, "subfolder": sub,
-                                                                        "type": "output"})
-            if status != 200 or not isinstance(data, bytes):
-                raise ServerGone(f"GET /view {sub}/{filename} answered HTTP {status}")
-            target = staging.root / local
-            target.parent.mkdir(parents=True, exist_ok=True)
-            target.write_bytes(data)
-            files.append(local)
+        return entry.get("outputs") or {}
+
+    async def _download(self, sub: str, filename: str, image: Path, staging: Staging) -> str:
+        """Fetch one output file into the staging folder; returns its path relative to OUT."""
+        # a file saved outside the prefix folder (a node that ignores filename_prefix) joins the image's
+        local = (staging.local_name(sub, filename, SERVER_FOLDER)
+                 or PurePosixPath(image.stem, sub.replace("\\", "/"), filename).as_posix())
+        status, data = await self._request("GET", "/view", raw=True,
+                                           params={"filename": filename, "subfolder": sub, "type": "output"})
+        if status != 200:
+            raise ServerGone(f"GET /view {sub}/{filename} answered HTTP {status}")
+        target = staging.root / local
+        target.parent.mkdir(parents=True, exist_ok=True)
+        target.write_bytes(data)
+        return local
+
+    def _strings(self, prompt: Mapping[str, dict], outputs: Mapping[str, dict]) -> dict[str, str]:
+        """The results-table text columns, from the viewers' and the nodes' own UI text."""
         values: dict[str, list] = {}
-        for vid, (nid, slot) in b.viewers.items():
+        for vid, (nid, slot) in self.batch.viewers.items():
             text = (outputs.get(vid) or {}).get("text")
             if text is not None:
-                values.setdefault(nid, [None] * (slot + 1))
+                values.setdefault(nid, [])
                 values[nid] += [None] * (slot + 1 - len(values[nid]))
                 values[nid][slot] = list(text)
-        texts = {nid: (outputs.get(nid) or {}).get("text") for nid in shown}
-        result = ImageResult(image=image.name, seconds=round(time.perf_counter() - t0, 3))
-        result.strings = string_columns(shown, b.classes, values, texts)
-        result.outputs = staging.commit(files)
-        return result
+        texts = {nid: (outputs.get(nid) or {}).get("text") for nid in prompt}
+        return string_columns(prompt, self.batch.classes, values, texts)
 
     async def _wait(self, ws: aiohttp.ClientWebSocketResponse, prompt_id: str,
                     report: Callable[[str, dict], None]) -> dict:
