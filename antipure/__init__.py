@@ -1,14 +1,16 @@
-"""Command-line tools of the AntiPure pack: ``python -m antipure run WORKFLOW --images DIR --out DIR``.
+"""Headless tools of the AntiPure pack: ``python -m antipure run WORKFLOW --images DIR --out DIR``.
 
-The tools live in the pack's ``nodes/`` folder next to the node code, but that
-folder cannot be imported as ``nodes`` here: the host's own ``nodes.py`` must
-win that name. So this package adds ``nodes/`` to its own search path and the
-tools import as ``antipure.runner`` and ``antipure.workflow_format`` without
-running ``nodes/__init__.py`` (which needs a booted host).
+* :mod:`antipure.comfyui`: find ComfyUI, boot it in-process, load this pack.
+* :mod:`antipure.workflow_format`: UI-format workflow JSON -> API prompt.
+* :mod:`antipure.prompts`: ``--set`` overrides, image inputs, model and validation checks.
+* :mod:`antipure.batch`: one workflow over a folder on the in-process executor.
+* :mod:`antipure.scheduler` + :mod:`antipure.remote`: the same, sharded over running ComfyUI servers.
+* :mod:`antipure.results`: ``results.csv`` and atomic, resumable per-image outputs.
+* :mod:`antipure.cli`: the command line; :mod:`antipure.demo`: the plumbing demo.
+
+Nothing here imports ComfyUI at import time.
 """
 
 from pathlib import Path
 
 PACK_ROOT = Path(__file__).resolve().parents[1]
-
-__path__.append(str(PACK_ROOT / "nodes"))  # noqa: F821 - package __path__

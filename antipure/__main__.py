@@ -7,6 +7,6 @@ if __name__ == "__main__":
         from antipure.demo import main as demo_main
 
         sys.exit(demo_main(sys.argv[2:]))
-    from antipure.runner import main
+    from antipure.cli import main
 
     sys.exit(main())

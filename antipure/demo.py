@@ -11,6 +11,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import shutil
+import sys
 from pathlib import Path
 
 from antipure import PACK_ROOT
@@ -37,14 +38,16 @@ def main(argv=None) -> int:
     parser.add_argument("--out", default="antipure-demo", help="folder for the demo model, inputs and results")
     parser.add_argument("--comfyui", help="ComfyUI folder (default: $COMFYUI_PATH or the pack's location)")
     ns = parser.parse_args(argv)
-    from antipure import runner
+    from antipure import cli
+    from antipure.comfyui import boot_host, find_comfyui
+    from antipure.errors import RunnerError
 
     out = Path(ns.out).resolve()
     try:
-        comfy_root = runner.find_comfyui(ns.comfyui)
-        asyncio.run(runner.boot_host(comfy_root))
-    except runner.RunnerError as e:
-        print(f"error: {e}")
+        comfy_root = find_comfyui(ns.comfyui)
+        asyncio.run(boot_host(comfy_root))
+    except RunnerError as e:
+        print(f"error: {e}", file=sys.stderr)
         return e.code
     ckpt = out / "models" / "checkpoints" / CHECKPOINT
     if not ckpt.exists():
@@ -59,7 +62,7 @@ def main(argv=None) -> int:
             "--models", str(out / "models"), "--comfyui", str(comfy_root)]
     for item in DEMO_SETTINGS:
         args += ["--set", item]
-    code = runner.main(args)
+    code = cli.main(args)
     if code == 0:
         print(f"\nDemo finished (random weights: the numbers show the plumbing works, not protection "
               f"efficacy). Results: {out / 'results'}")

@@ -195,7 +195,7 @@ def main(argv=None) -> int:
     parser.add_argument("--out", default=str(WORKFLOWS_DIR), help="output folder (default: workflows/)")
     ns = parser.parse_args(argv)
     sys.path.insert(0, str(PACK_ROOT))
-    from antipure.runner import boot_host, find_comfyui, load_pack
+    from antipure.comfyui import boot_host, find_comfyui, load_pack
 
     asyncio.run(boot_host(find_comfyui(ns.comfyui), cpu=True))
     if not asyncio.run(load_pack(PACK_ROOT)):

@@ -35,7 +35,8 @@ from pathlib import Path
 PACK_ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(PACK_ROOT))
 
-from antipure.runner import RunnerError, find_comfyui  # noqa: E402
+from antipure.comfyui import find_comfyui  # noqa: E402
+from antipure.errors import RunnerError  # noqa: E402
 
 CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
                  "--disable-background-networking", "--disable-component-update", "--disable-sync"]
@@ -235,7 +236,7 @@ def frontend_page(comfy_root: Path, chromium: str, width: int = 1280, height: in
 
 def frontend_prompt(page, data: dict) -> dict:
     """The API prompt the frontend itself makes from a UI workflow (``app.graphToPrompt``), for
-    checking :func:`nodes.workflow_format.ui_to_api` against the real thing."""
+    checking :func:`antipure.workflow_format.ui_to_api` against the real thing."""
     return page.evaluate("""async (g) => {
         await window.app.loadGraphData(g, true, false, null,
             {showMissingNodesDialog: false, showMissingModelsDialog: false});

@@ -20,7 +20,7 @@ Fixtures (session-scoped unless noted):
   ``CheckpointLoaderSimple`` under ``torch.inference_mode()`` as the executor
   runs nodes (shared by all tests: patch a ``model.clone()``, never the
   object); ``encode_text(clip, text)`` returns a CONDITIONING.
-* ``output_dir``: the host's output folder, a temporary folder.
+* ``output_dir``: the host's output folder, a temporary folder (its temp folder too).
 * ``graph``: a :class:`tests.nodes.graph.GraphRunner` (function scope, fresh
   cache each test); ``GraphBuilder`` comes from ``tests.nodes.graph``.
 * ``progress`` (function scope): list receiving ``(node_id, value, total)`` for
@@ -138,7 +138,8 @@ def output_dir(host, tmp_path_factory):
 
     folder = tmp_path_factory.mktemp("output")
     folder_paths.set_output_directory(str(folder))
-    # the server creates its temp folder at start-up; in-process nodes that preview (the host's loss graph) need it
+    # the host's temp/ (previews, the loss graph of its training nodes) exists only once main.py made it,
+    # and a shared ComfyUI checkout may be read-only
     folder_paths.set_temp_directory(str(tmp_path_factory.mktemp("temp")))
     return folder
 

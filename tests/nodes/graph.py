@@ -29,24 +29,18 @@ import execution
 from comfy_execution.graph_utils import GraphBuilder
 from comfy_execution.progress import get_progress_state
 
+from antipure.comfyui import HeadlessServer
+
 __all__ = ["GraphBuilder", "GraphResult", "GraphRunner", "StandInServer"]
 
 
-class StandInServer:
-    """The few server attributes the executor touches; records every event it is sent."""
+class StandInServer(HeadlessServer):
+    """The runner's stand-in for the server, recording every event it is sent."""
 
     def __init__(self):
-        self.client_id = None
-        self.last_node_id = None
-        self.last_prompt_id = None
-        self.sockets_metadata = {}
+        super().__init__()
         self.events: list[tuple[str, Any]] = []
-
-    def send_sync(self, event, data, sid=None):
-        self.events.append((event, data))
-
-    def queue_updated(self):
-        pass
+        self.on_event = lambda event, data: self.events.append((event, data))
 
 
 @dataclass

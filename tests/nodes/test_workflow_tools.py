@@ -23,7 +23,7 @@ import execution
 import folder_paths
 import nodes
 
-from antipure import runner, workflow_format as wf
+from antipure import cli, comfyui, errors, prompts, workflow_format as wf
 from tests.nodes.host import PACK_DIR
 
 # --- a small builder for UI-format workflows ------------------------------------------------
@@ -351,8 +351,8 @@ def test_default_template_runs_with_tiny_checkpoint(tiny_checkpoint, graph, outp
 
 def test_apply_sets_and_image_inputs():
     prompt = wf.ui_to_api(invert_workflow(), nodes.NODE_CLASS_MAPPINGS)
-    runner.apply_sets(prompt, ["Scale.width=40", "2.crop=center", "Label.string_a=[1, 2]",
-                               "SaveImage.filename_prefix=out/x"], nodes.NODE_CLASS_MAPPINGS)
+    prompts.apply_sets(prompt, ["Scale.width=40", "2.crop=center", "Label.string_a=[1, 2]",
+                                "SaveImage.filename_prefix=out/x"], nodes.NODE_CLASS_MAPPINGS)
     assert prompt["2"]["inputs"]["width"] == 40 and prompt["2"]["inputs"]["crop"] == "center"
     assert prompt["7"]["inputs"]["string_a"] == {"__value__": [1, 2]}
     assert prompt["4"]["inputs"]["filename_prefix"] == "out/x"
@@ -360,8 +360,8 @@ def test_apply_sets_and_image_inputs():
                      ("Scale.nope=1", "has no input 'nope'"), ("Scale.image=1", "connection"),
                      ("PreviewAny.source=1", "several nodes")]:
         with pytest.raises(wf.WorkflowError, match=msg):
-            runner.apply_sets(prompt, [bad], nodes.NODE_CLASS_MAPPINGS)
-    assert runner.find_image_inputs(prompt, nodes.NODE_CLASS_MAPPINGS) == [("1", "image")]
+            prompts.apply_sets(prompt, [bad], nodes.NODE_CLASS_MAPPINGS)
+    assert prompts.find_image_inputs(prompt, nodes.NODE_CLASS_MAPPINGS) == [("1", "image")]
 
 
 def test_find_comfyui_from_env_or_the_packs_location(tmp_path, monkeypatch):
@@ -372,15 +372,15 @@ def test_find_comfyui_from_env_or_the_packs_location(tmp_path, monkeypatch):
     pack = root / "custom_nodes" / "comfyui-antipure"
     pack.mkdir(parents=True)
     monkeypatch.delenv("COMFYUI_PATH", raising=False)
-    assert runner.find_comfyui(start=pack) == root.resolve()
-    with pytest.raises(runner.RunnerError, match="set COMFYUI_PATH") as e:
-        runner.find_comfyui(start=tmp_path / "elsewhere")
-    assert e.value.code == runner.EXIT_NO_HOST
+    assert comfyui.find_comfyui(start=pack) == root.resolve()
+    with pytest.raises(errors.RunnerError, match="set COMFYUI_PATH") as e:
+        comfyui.find_comfyui(start=tmp_path / "elsewhere")
+    assert e.value.code == errors.EXIT_NO_HOST
     monkeypatch.setenv("COMFYUI_PATH", str(root))
-    assert runner.find_comfyui(start=tmp_path / "elsewhere") == root.resolve()
+    assert comfyui.find_comfyui(start=tmp_path / "elsewhere") == root.resolve()
     monkeypatch.setenv("COMFYUI_PATH", str(tmp_path / "nope"))
-    with pytest.raises(runner.RunnerError, match="Set COMFYUI_PATH"):
-        runner.find_comfyui(start=pack)
+    with pytest.raises(errors.RunnerError, match="Set COMFYUI_PATH"):
+        comfyui.find_comfyui(start=pack)
 
 
 def test_add_models_dir_uses_the_hosts_folder_names(tmp_path):
@@ -389,7 +389,7 @@ def test_add_models_dir_uses_the_hosts_folder_names(tmp_path):
         (tmp_path / sub / f"{sub}_file.safetensors").write_bytes(b"")
     (tmp_path / "flat.safetensors").write_bytes(b"")
     try:
-        kinds = runner.add_models_dir(tmp_path)
+        kinds = comfyui.add_models_dir(tmp_path)
         assert set(kinds) == {"loras", "diffusion_models", "checkpoints"}
         assert "loras_file.safetensors" in folder_paths.get_filename_list("loras")
         assert "unet_file.safetensors" in folder_paths.get_filename_list("diffusion_models")  # legacy "unet/"
@@ -442,14 +442,14 @@ def test_cli_exit_codes_before_boot(tmp_path, three_images):
     host_root = str(Path(nodes.__file__).parent)
     out = str(tmp_path / "out")
     proc = _cli([str(tmp_path / "wf.json"), "--images", str(three_images), "--out", out], str(tmp_path / "nohost"))
-    assert proc.returncode == runner.EXIT_NO_HOST and "COMFYUI_PATH" in proc.stderr
+    assert proc.returncode == errors.EXIT_NO_HOST and "COMFYUI_PATH" in proc.stderr
     proc = _cli([str(tmp_path / "missing.json"), "--images", str(three_images), "--out", out], host_root)
-    assert proc.returncode == runner.EXIT_BAD_WORKFLOW and "missing.json" in proc.stderr
+    assert proc.returncode == errors.EXIT_BAD_WORKFLOW and "missing.json" in proc.stderr
     proc = _cli([str(tmp_path / "wf.json"), "--images", str(tmp_path / "nope"), "--out", out], host_root)
-    assert proc.returncode == runner.EXIT_NO_IMAGES and "does not exist" in proc.stderr
+    assert proc.returncode == errors.EXIT_NO_IMAGES and "does not exist" in proc.stderr
     (tmp_path / "empty").mkdir()
     proc = _cli([str(tmp_path / "wf.json"), "--images", str(tmp_path / "empty"), "--out", out], host_root)
-    assert proc.returncode == runner.EXIT_NO_IMAGES and "no images" in proc.stderr
+    assert proc.returncode == errors.EXIT_NO_IMAGES and "no images" in proc.stderr
     assert not (tmp_path / "out").exists()
 
 
@@ -459,13 +459,13 @@ def test_runner_rejects_invalid_workflow_and_missing_model(tmp_path, three_image
     g = UIGraph()
     g.node("NoSuchNode")
     (tmp_path / "unknown.json").write_text(json.dumps(g.json()))
-    assert runner.main([*run, str(tmp_path / "unknown.json")]) == runner.EXIT_BAD_WORKFLOW
+    assert cli.main([*run, str(tmp_path / "unknown.json")]) == errors.EXIT_BAD_WORKFLOW
     assert "unknown node type 'NoSuchNode'" in capsys.readouterr().err
 
     bad = invert_workflow()
     bad["nodes"][1]["widgets_values"][1] = -5  # width below the schema's minimum
     (tmp_path / "bad.json").write_text(json.dumps(bad))
-    assert runner.main([*run, str(tmp_path / "bad.json")]) == runner.EXIT_BAD_WORKFLOW
+    assert cli.main([*run, str(tmp_path / "bad.json")]) == errors.EXIT_BAD_WORKFLOW
     err = capsys.readouterr().err
     assert "node 2 (ImageScale)" in err and "width" in err
 
@@ -475,7 +475,7 @@ def test_runner_rejects_invalid_workflow_and_missing_model(tmp_path, three_image
     g.node("CheckpointLoaderSimple", ["no_such_model.safetensors"], outputs=["MODEL", "CLIP", "VAE"])
     g.link(load, 0, save, "images")
     (tmp_path / "model.json").write_text(json.dumps(g.json()))
-    assert runner.main([*run, str(tmp_path / "model.json")]) == runner.EXIT_NO_MODEL
+    assert cli.main([*run, str(tmp_path / "model.json")]) == errors.EXIT_NO_MODEL
     err = capsys.readouterr().err
     assert "ckpt_name 'no_such_model.safetensors' not found" in err and "available:" in err
     assert folder_paths.get_input_directory() == str(input_dir)  # host state restored
@@ -491,11 +491,11 @@ def test_runner_image2image_template_with_models_folder(tmp_path, tiny_checkpoin
     folder.mkdir()
     Image.fromarray((np.random.default_rng(0).random((64, 64, 3)) * 255).astype(np.uint8)).save(folder / "0.png")
     out = tmp_path / "out"
-    code = runner.main(["run", str(workflow), "--images", str(folder), "--out", str(out), "--no-progress",
-                        "--models", str(models_dir), "--comfyui", str(Path(nodes.__file__).parent),
-                        "--set", f"CheckpointLoaderSimple.ckpt_name={ckpt}", "--set", "KSampler.steps=2",
-                        "--set", "ImageScaleToTotalPixels.megapixels=0.01"])
-    assert code == runner.EXIT_OK
+    code = cli.main(["run", str(workflow), "--images", str(folder), "--out", str(out), "--no-progress",
+                     "--models", str(models_dir), "--comfyui", str(Path(nodes.__file__).parent),
+                     "--set", f"CheckpointLoaderSimple.ckpt_name={ckpt}", "--set", "KSampler.steps=2",
+                     "--set", "ImageScaleToTotalPixels.megapixels=0.01"])
+    assert code == errors.EXIT_OK
     rows = list(csv.DictReader(open(out / "results.csv", encoding="utf-8")))
     assert [(r["image"], r["status"], r["outputs"]) for r in rows] == [("0.png", "ok", "0/ComfyUI_00001_.png")]
     assert Image.open(out / rows[0]["outputs"]).size == (96, 96)  # 0.01 MP, cropped to a multiple of 8
@@ -507,9 +507,9 @@ def test_runner_reports_failed_image_and_continues(tmp_path, capsys, input_dir):
     write_image(folder / "ok.png", 32, 32, 7)
     (folder / "broken.png").write_bytes(b"not a png")
     (tmp_path / "wf.json").write_text(json.dumps(invert_workflow()))
-    code = runner.main(["run", str(tmp_path / "wf.json"), "--images", str(folder), "--out", str(tmp_path / "out"),
-                        "--no-progress", "--comfyui", str(Path(nodes.__file__).parent)])
-    assert code == runner.EXIT_FAILED
+    code = cli.main(["run", str(tmp_path / "wf.json"), "--images", str(folder), "--out", str(tmp_path / "out"),
+                     "--no-progress", "--comfyui", str(Path(nodes.__file__).parent)])
+    assert code == errors.EXIT_FAILED
     rows = {r["image"]: r for r in csv.DictReader(open(tmp_path / "out" / "results.csv", encoding="utf-8"))}
     assert rows["ok.png"]["status"] == "ok" and rows["broken.png"]["status"] in ("invalid", "error")
     assert rows["broken.png"]["error"]

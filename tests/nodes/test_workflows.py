@@ -10,6 +10,9 @@ from pathlib import Path
 
 import pytest
 
+from antipure.batch import run_batch
+from antipure.prompts import apply_sets, find_image_inputs, validate
+from antipure.workflow_format import load_prompt
 from tests.nodes.host import PACK_DIR
 
 WORKFLOWS = sorted((PACK_DIR / "workflows").glob("*.json"))
@@ -20,16 +23,14 @@ SAMPLE = PACK_DIR / "examples" / "sample_face.png"
 def prompt_for(host, tiny_checkpoint):
     import nodes
 
-    fmt = host.pack_import("nodes.workflow_format")
-    runner = host.pack_import("nodes.runner")
     ckpt = tiny_checkpoint("sd15")
 
     def convert(path: Path, sets=()) -> dict:
-        prompt = fmt.load_prompt(path, nodes.NODE_CLASS_MAPPINGS)
+        prompt = load_prompt(path, nodes.NODE_CLASS_MAPPINGS)
         for node in prompt.values():
             if node["class_type"] == "CheckpointLoaderSimple":
                 node["inputs"]["ckpt_name"] = ckpt
-        return runner.apply_sets(prompt, sets, nodes.NODE_CLASS_MAPPINGS)
+        return apply_sets(prompt, sets, nodes.NODE_CLASS_MAPPINGS)
     return convert
 
 
@@ -44,14 +45,13 @@ def test_every_workflow_has_a_preview():
 def test_workflow_converts_and_validates(host, prompt_for, workflow, tmp_path):
     import folder_paths
 
-    runner = host.pack_import("nodes.runner")
     prompt = prompt_for(workflow)
     assert any(n["class_type"].startswith("AntiPure") for n in prompt.values())
     previous = folder_paths.get_input_directory()
     folder_paths.set_input_directory(str(tmp_path))
     shutil.copy(SAMPLE, tmp_path / "example.png")
     try:
-        problems, outputs = asyncio.run(runner.validate(prompt))
+        problems, outputs = asyncio.run(validate(prompt))
     finally:
         folder_paths.set_input_directory(previous)
     assert problems == [] and outputs
@@ -86,7 +86,6 @@ def test_every_report_is_shown_on_the_canvas(name):
 def test_stress_test_runs_end_to_end(host, prompt_for, output_dir, tmp_path):
     import nodes
 
-    runner = host.pack_import("nodes.runner")
     from antipure.demo import DEMO_SETTINGS
 
     sets = [s for s in DEMO_SETTINGS if not s.startswith("checkpoint.")]
@@ -97,8 +96,8 @@ def test_stress_test_runs_end_to_end(host, prompt_for, output_dir, tmp_path):
     images = tmp_path / "images"
     images.mkdir()
     shutil.copy(SAMPLE, images / "face.png")
-    image_input = runner.find_image_inputs(prompt, nodes.NODE_CLASS_MAPPINGS)[0]
-    results = asyncio.run(runner.run_batch(prompt, image_input, [images / "face.png"], tmp_path / "out",
+    image_input = find_image_inputs(prompt, nodes.NODE_CLASS_MAPPINGS)[0]
+    results = asyncio.run(run_batch(prompt, image_input, [images / "face.png"], tmp_path / "out",
                                            progress=False))
     assert [r.status for r in results] == ["ok"], results[0].error
     rows = list(csv.DictReader(open(tmp_path / "out" / "results.csv")))

@@ -1,0 +1,152 @@
+"""A batch's results on disk: ``OUT/results.csv`` and each image's output files, never half-written.
+
+An image's outputs are first written under ``OUT/.partial/<token>/`` (a folder of
+their own, so the host's file counters start at 00001 every time) and then
+renamed into ``OUT/<image stem>/``; only after that is the image's row added to
+``results.csv``, which is itself rewritten through a temporary file and a rename.
+A run killed at any point leaves ``results.csv`` listing only images whose
+outputs are complete; ``--resume`` skips those and redoes the others (their
+partial files are overwritten or cleaned up).
+
+Plain Python: no ComfyUI, no aiohttp.
+"""
+
+from __future__ import annotations
+
+import csv
+import os
+import shutil
+import uuid
+from dataclasses import dataclass, field
+from pathlib import Path, PurePosixPath
+from typing import Any, Iterable, Mapping
+
+__all__ = ["ImageResult", "ResultsTable", "Staging", "reported_files", "FIXED_COLUMNS", "STAGING"]
+
+STAGING = ".partial"
+FIXED_COLUMNS = ["image", "status", "seconds", "outputs", "error"]
+
+
+@dataclass
+class ImageResult:
+    """One row of the results table; ``outputs`` are paths relative to OUT."""
+
+    image: str
+    status: str = "ok"
+    seconds: float = 0.0
+    outputs: list[str] = field(default_factory=list)
+    strings: dict[str, str] = field(default_factory=dict)
+    error: str = ""
+
+
+def reported_files(ui_outputs: Mapping[str, Any]) -> list[tuple[str, str]]:
+    """``(subfolder, filename)`` of every output file the nodes reported in their UI results
+    (SaveImage's ``images`` ...), in node order; temp previews are left out."""
+    files = []
+    for ui in ui_outputs.values():
+        for items in (ui or {}).values():
+            for item in items if isinstance(items, (list, tuple)) else []:
+                if isinstance(item, dict) and "filename" in item and item.get("type", "output") == "output":
+                    files.append((str(item.get("subfolder", "")), str(item["filename"])))
+    return files
+
+
+class Staging:
+    """``OUT/.partial/<token>/``: where one attempt at one image writes its outputs.
+
+    Args:
+        out: the batch's output folder.
+        image_stem: the image's name without extension: its outputs end in ``OUT/<image_stem>/``.
+    """
+
+    def __init__(self, out: Path, image_stem: str):
+        self.token = uuid.uuid4().hex[:12]
+        self.image_stem = image_stem
+        self.root = Path(out) / STAGING / self.token
+
+    def prefix_folder(self, base: str = STAGING) -> str:
+        """The folder to put in front of every ``filename_prefix`` (relative to an output folder
+        whose ``base/`` stands for this staging area)."""
+        return f"{base}/{self.token}/{self.image_stem}"
+
+    def local_name(self, subfolder: str, filename: str, base: str = STAGING) -> str | None:
+        """Path relative to the staging root of a file a node saved as ``subfolder/filename`` (``None``
+        when it is outside this attempt's prefix folder)."""
+        rel = PurePosixPath(subfolder.replace("\\", "/")) / filename
+        try:
+            return str(rel.relative_to(PurePosixPath(base) / self.token))
+        except ValueError:
+            return None
+
+    def files(self) -> list[str]:
+        """Every file written so far, relative to the staging root (sorted)."""
+        if not self.root.is_dir():
+            return []
+        return sorted(p.relative_to(self.root).as_posix() for p in self.root.rglob("*") if p.is_file())
+
+    def commit(self, names: Iterable[str]) -> list[str]:
+        """Rename the staged files into OUT (each ``os.replace`` is atomic) and drop the staging folder.
+
+        Returns the same names, now relative to OUT.
+        """
+        names = list(dict.fromkeys(names))
+        out = self.root.parent.parent
+        for name in names:
+            target = out / name
+            target.parent.mkdir(parents=True, exist_ok=True)
+            os.replace(self.root / name, target)
+        self.discard()
+        return names
+
+    def discard(self) -> None:
+        """Drop what this attempt staged (and ``.partial/`` itself once no attempt uses it)."""
+        shutil.rmtree(self.root, ignore_errors=True)
+        try:
+            self.root.parent.rmdir()
+        except OSError:
+            pass  # another attempt still stages there, or it is gone already
+
+
+class ResultsTable:
+    """``OUT/results.csv``: image, status, seconds, outputs (';'-joined), error, then one column per
+    STRING a node returned or showed. Rewritten atomically each time a row is added.
+
+    Args:
+        out: the output folder (created).
+        resume: keep the rows of images that finished ``ok`` in an existing table (the others are
+            dropped and redone); otherwise the table starts empty.
+    """
+
+    def __init__(self, out: Path, resume: bool = False):
+        self.out = Path(out)
+        self.out.mkdir(parents=True, exist_ok=True)
+        self.path = self.out / "results.csv"
+        self.columns = list(FIXED_COLUMNS)
+        self.rows: dict[str, dict[str, str]] = {}
+        shutil.rmtree(self.out / STAGING, ignore_errors=True)  # attempts of a run that was killed
+        if resume and self.path.is_file():
+            with open(self.path, newline="", encoding="utf-8") as f:
+                reader = csv.DictReader(f)
+                self.columns += [c for c in reader.fieldnames or [] if c not in self.columns]
+                self.rows = {r["image"]: r for r in reader if r.get("status") == "ok"}
+
+    def finished(self) -> set[str]:
+        """Image names (with extension) whose outputs are complete."""
+        return set(self.rows)
+
+    def add(self, result: ImageResult) -> None:
+        """Record one image (replacing an earlier row of the same image) and rewrite the file; rows
+        are sorted by image name, so the table does not depend on which image finished first."""
+        row = {"image": result.image, "status": result.status, "seconds": str(result.seconds),
+               "outputs": ";".join(result.outputs), "error": result.error, **result.strings}
+        self.columns += [c for c in result.strings if c not in self.columns]
+        self.rows[result.image] = row
+        tmp = self.path.with_name(f".results.csv.{os.getpid()}.tmp")
+        with open(tmp, "w", newline="", encoding="utf-8") as f:
+            w = csv.writer(f)
+            w.writerow(self.columns)
+            for r in sorted(self.rows.values(), key=lambda r: r["image"]):  # any completion order
+                w.writerow([r.get(c, "") for c in self.columns])
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, self.path)
