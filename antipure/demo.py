@@ -16,8 +16,8 @@ from pathlib import Path
 from antipure import PACK_ROOT
 
 CHECKPOINT = "antipure_demo_random_sd15.safetensors"
-WORKFLOW = PACK_ROOT / "workflows" / "antipure_stress_test.json"
-SAMPLE = PACK_ROOT / "examples" / "sample_face.png"
+WORKFLOW = PACK_ROOT / "example_workflows" / "antipure_stress_test.json"
+SAMPLE = PACK_ROOT / "assets" / "sample_face.png"
 
 #: small settings so the whole graph runs on a CPU in a few minutes
 DEMO_SETTINGS = [

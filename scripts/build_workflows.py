@@ -1,4 +1,4 @@
-"""Write the pack's shipped workflows (``workflows/*.json``, the host's UI format) from short graph descriptions.
+"""Write the pack's shipped workflows (``example_workflows/*.json``, the host's UI format) from short graph descriptions.
 
 Widget order and defaults come from the host's own node schemas, so a saved
 workflow matches what the frontend would save for the same graph. Run it in a
@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import Any
 
 PACK_ROOT = Path(__file__).resolve().parents[1]
-WORKFLOWS_DIR = PACK_ROOT / "workflows"
+WORKFLOWS_DIR = PACK_ROOT / "example_workflows"
 CHECKPOINT = "v1-5-pruned-emaonly.safetensors"
 INSTANCE_PROMPT = "a photo of sks person"
 PURIFIERS = ("diffpure", "gridpure", "jpeg")
@@ -192,7 +192,7 @@ def to_ui(graph: list[N], node_classes) -> dict:
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--comfyui", help="ComfyUI root (default: $COMFYUI_PATH or the enclosing ComfyUI)")
-    parser.add_argument("--out", default=str(WORKFLOWS_DIR), help="output folder (default: workflows/)")
+    parser.add_argument("--out", default=str(WORKFLOWS_DIR), help="output folder (default: example_workflows/)")
     ns = parser.parse_args(argv)
     sys.path.insert(0, str(PACK_ROOT))
     from antipure.runner import boot_host, find_comfyui, load_pack

@@ -1,4 +1,4 @@
-"""Render ``workflows/<name>.jpg`` previews with the host's real web frontend.
+"""Render ``example_workflows/<name>.jpg`` previews with the host's real web frontend.
 
 For each workflow JSON this starts ComfyUI's own server on loopback (CPU, a
 throw-away base directory whose ``custom_nodes/`` links to this pack, so the
@@ -7,7 +7,7 @@ Chromium through Playwright, loads the workflow with ``app.loadGraphData``,
 fits the view, hides the menus and dialogs and saves a JPEG of the canvas
 next to the workflow (the name the host's template browser looks for).
 
-    COMFYUI_PATH=/path/to/ComfyUI python scripts/render_previews.py            # workflows/*.json
+    COMFYUI_PATH=/path/to/ComfyUI python scripts/render_previews.py            # example_workflows/*.json
     python scripts/render_previews.py some/flow.json --out-dir /tmp/previews
 
 Needs Playwright for Python (``pip install playwright``) and a Chromium
@@ -269,14 +269,14 @@ def render(workflows: list[Path], out_dir: Path | None, page, width: int = 1280,
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("workflows", nargs="*", type=Path, help="workflow JSON files (default: workflows/*.json)")
+    p.add_argument("workflows", nargs="*", type=Path, help="workflow JSON files (default: example_workflows/*.json)")
     p.add_argument("--out-dir", type=Path, help="where to write the .jpg files (default: next to each workflow)")
     p.add_argument("--comfyui", help="ComfyUI folder (default: $COMFYUI_PATH or the pack's location)")
     p.add_argument("--chromium", help="Chromium binary (default: $CHROMIUM or /usr/bin/chromium)")
     p.add_argument("--width", type=int, default=1280)
     p.add_argument("--height", type=int, default=800)
     ns = p.parse_args(argv)
-    workflows = ns.workflows or sorted((PACK_ROOT / "workflows").glob("*.json"))
+    workflows = ns.workflows or sorted((PACK_ROOT / "example_workflows").glob("*.json"))
     if not workflows:
         print("no workflows to render", file=sys.stderr)
         return 1

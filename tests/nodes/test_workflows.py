@@ -12,8 +12,8 @@ import pytest
 
 from tests.nodes.host import PACK_DIR
 
-WORKFLOWS = sorted((PACK_DIR / "workflows").glob("*.json"))
-SAMPLE = PACK_DIR / "examples" / "sample_face.png"
+WORKFLOWS = sorted((PACK_DIR / "example_workflows").glob("*.json"))
+SAMPLE = PACK_DIR / "assets" / "sample_face.png"
 
 
 @pytest.fixture(scope="module")
@@ -69,14 +69,14 @@ def test_workflow_build_script_is_in_sync(host):
     spec.loader.exec_module(build)
     for name, make in build.WORKFLOWS.items():
         fresh = build.to_ui(make(), nodes.NODE_CLASS_MAPPINGS)
-        shipped = json.loads((PACK_DIR / "workflows" / f"{name}.json").read_text())
-        assert fresh == shipped, f"workflows/{name}.json is stale: run scripts/build_workflows.py"
+        shipped = json.loads((PACK_DIR / "example_workflows" / f"{name}.json").read_text())
+        assert fresh == shipped, f"example_workflows/{name}.json is stale: run scripts/build_workflows.py"
 
 
 @pytest.mark.parametrize("name", ["antipure_stress_test", "antipure_baseline_comparison"])
 def test_every_report_is_shown_on_the_canvas(name):
     """Each Evaluate's report feeds a Preview Any node: the frontend draws text only there."""
-    ui = json.loads((PACK_DIR / "workflows" / f"{name}.json").read_text())
+    ui = json.loads((PACK_DIR / "example_workflows" / f"{name}.json").read_text())
     kinds = {n["id"]: n["type"] for n in ui["nodes"]}
     evaluates = [i for i, k in kinds.items() if k == "AntiPureEvaluate"]
     shown = {src for _, src, slot, dst, _, _ in ui["links"] if slot == 0 and kinds[dst] == "PreviewAny"}
@@ -93,7 +93,7 @@ def test_stress_test_runs_end_to_end(host, prompt_for, output_dir, tmp_path):
     sets += ["Protect (antipure).steps=2", "latent.width=32", "latent.height=32", "latent.batch_size=1"]
     sets += [f"customize {p}.steps=3" for p in ("diffpure", "gridpure", "jpeg")]
     sets += [f"generate {p}.steps=2" for p in ("diffpure", "gridpure", "jpeg")]
-    prompt = prompt_for(PACK_DIR / "workflows" / "antipure_stress_test.json", sets)
+    prompt = prompt_for(PACK_DIR / "example_workflows" / "antipure_stress_test.json", sets)
     images = tmp_path / "images"
     images.mkdir()
     shutil.copy(SAMPLE, images / "face.png")
