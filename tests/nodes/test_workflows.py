@@ -89,10 +89,10 @@ def test_stress_test_runs_end_to_end(host, prompt_for, output_dir, tmp_path):
     runner = host.pack_import("nodes.runner")
     from antipure.demo import DEMO_SETTINGS
 
-    sets = [s for s in DEMO_SETTINGS if not s.startswith("checkpoint.")]
-    sets += ["Protect (antipure).steps=2", "latent.width=32", "latent.height=32", "latent.batch_size=1"]
-    sets += [f"customize {p}.steps=3" for p in ("diffpure", "gridpure", "jpeg")]
-    sets += [f"generate {p}.steps=2" for p in ("diffpure", "gridpure", "jpeg")]
+    sets = [s for s in DEMO_SETTINGS if not s.startswith("Checkpoint.")]
+    sets += ["Protect.steps=2", "Latent.width=32", "Latent.height=32", "Latent.batch_size=1"]
+    sets += [f"{p} LoRA.steps=3" for p in ("DiffPure", "GrIDPure", "JPEG")]
+    sets += [f"{p} sample.steps=2" for p in ("DiffPure", "GrIDPure", "JPEG")]
     prompt = prompt_for(PACK_DIR / "example_workflows" / "antipure_stress_test.json", sets)
     images = tmp_path / "images"
     images.mkdir()
