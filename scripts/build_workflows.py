@@ -148,16 +148,17 @@ COMPARISON_NOTE = """## Protection methods compared
 Each lane protects the same images with one method at the same budget, purifies them with
 DiffPure and scores what survives (reports on the right; the plot collects every method).
 
-**Change first:** *Images*, *Checkpoint*; the shared budget *eta* and *steps* in
-*Protect*'s settings feed every method.
+**Change first:** *Images*, *Checkpoint*; *eta* (budget, /255) and *steps* (PGD
+steps) set the same budget for every method.
 
 Collapsed nodes hold each method's settings: click a node's dot to open it."""
 
 
 def baseline_comparison_workflow() -> Graph:
-    g = [_note(COMPARISON_NOTE), *_inputs(), *_guidance(),
-         N("eta", "PrimitiveNode", PROTECT, {"value": 8.0}, col=1, height=82),
-         N("steps", "PrimitiveNode", PROTECT, {"value": 100}, col=1, height=82)]
+    checkpoint, prompt, images = _inputs()
+    g = [_note(COMPARISON_NOTE), checkpoint, prompt,
+         N("eta", "PrimitiveNode", INPUTS, {"value": 8.0}, height=82),
+         N("steps", "PrimitiveNode", INPUTS, {"value": 100}, height=82), images, *_guidance()]
     for lane, method in enumerate(BASELINES):
         title = METHOD_TITLES.get(method, method)
         color = LANE_COLORS[lane % len(LANE_COLORS)]

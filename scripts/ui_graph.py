@@ -132,49 +132,35 @@ def _size(n: N, node: dict, expanded: bool = False) -> tuple[float, float]:
     return WIDTH, TITLE_H + 16 + ROW_H * rows + IMAGE_NODES.get(n.cls, 0)
 
 
-def to_ui(graph: Graph, node_classes) -> dict:
-    """Lay ``graph`` out (stages left to right, lanes aligned) in the host's UI format."""
-    ids = {n.key: i + 1 for i, n in enumerate(graph.nodes)}
-    if len(ids) != len(graph.nodes):
-        raise SystemExit("node keys must be unique (they are the titles --set refers to)")
-    links: list[list] = []
-    ui = [_node_json(n, ids[n.key], ids, links, node_classes) for n in graph.nodes]
-    sizes = [_size(n, node) for n, node in zip(graph.nodes, ui)]
-
-    # shared settings: a PrimitiveNode's output takes the type and widget name of what it feeds
-    by_id = {node["id"]: node for node in ui}
-    for link in links:
-        src = by_id[link[1]]
-        if src["type"] == "PrimitiveNode":
-            target_input = by_id[link[3]]["inputs"][link[4]]
-            if not src["outputs"]:
-                src["outputs"] = [{"name": link[5], "type": link[5], "widget": dict(target_input["widget"]),
-                                   "links": [], "slot_index": 0}]
-
-    # lanes: a row as tall as its tallest node, below the nodes stacked above the lanes
-    top = GROUP_FONT * 1.4 + GROUP_PAD + TITLE_H  # a node's title bar is drawn above its pos
+def _lane_rows(graph: Graph, sizes: list[tuple[float, float]], top: float) -> dict[int, float]:
+    """The y of each lane: below the nodes stacked above the lanes, each row as tall as its
+    tallest node, spread over the height of the tallest stacked column so no stage is half empty."""
     lane_stages = {n.stage for n in graph.nodes if n.lane is not None}
     header: dict[tuple[str, int], float] = {}
+    stacked: dict[tuple[str, int], float] = {}
     lane_h: dict[int, float] = {}
     for n, (_, h) in zip(graph.nodes, sizes):
         if n.lane is not None:
             lane_h[n.lane] = max(lane_h.get(n.lane, 0.0), h)
-        elif n.stage in lane_stages:
-            header[n.stage, n.col] = header.get((n.stage, n.col), 0.0) + h + GAP_Y
-    lanes_top = top + max(header.values(), default=0.0)
-    # spread the lanes over the height of the tallest stacked column, so no stage is half empty
-    stacked: dict[tuple[str, int], float] = {}
-    for n, (_, h) in zip(graph.nodes, sizes):
-        if n.lane is None and n.stage not in lane_stages:
-            stacked[n.stage, n.col] = stacked.get((n.stage, n.col), 0.0) + h + GAP_Y
+        else:
+            column = header if n.stage in lane_stages else stacked
+            column[n.stage, n.col] = column.get((n.stage, n.col), 0.0) + h + GAP_Y
+    y = top + max(header.values(), default=0.0)
     natural = sum(h + GAP_Y for h in lane_h.values())
-    spare = max(0.0, top + max(stacked.values(), default=0.0) - lanes_top - natural) / max(1, len(lane_h))
-    lane_y, y = {}, lanes_top
+    spare = max(0.0, top + max(stacked.values(), default=0.0) - y - natural) / max(1, len(lane_h))
+    rows = {}
     for lane in sorted(lane_h):
-        lane_y[lane], y = y, y + lane_h[lane] + GAP_Y + spare
+        rows[lane], y = y, y + lane_h[lane] + GAP_Y + spare
+    return rows
 
-    x, groups, bottom = 0.0, [], top
-    for gi, stage in enumerate(graph.stages):
+
+def _place(graph: Graph, sizes: list[tuple[float, float]]) -> tuple[list[list[float]], list[dict], float, float]:
+    """Node positions, the stage groups, and the graph's width and height."""
+    top = GROUP_FONT * 1.4 + GROUP_PAD + TITLE_H  # a node's title bar is drawn above its pos
+    lane_y = _lane_rows(graph, sizes, top)
+    pos: list[list[float]] = [[0.0, 0.0] for _ in graph.nodes]
+    x, spans, bottom = 0.0, [], top
+    for stage in graph.stages:
         members = [i for i, n in enumerate(graph.nodes) if n.stage == stage.title]
         if not members:
             raise SystemExit(f"stage '{stage.title}' has no nodes")
@@ -183,28 +169,54 @@ def to_ui(graph: Graph, node_classes) -> dict:
             in_col = [i for i in members if graph.nodes[i].col == col]
             stack_y = top
             for i in in_col:
-                n = graph.nodes[i]
-                if n.lane is not None:
-                    ui[i]["pos"] = [col_x, lane_y[n.lane]]
+                lane = graph.nodes[i].lane
+                if lane is not None:
+                    pos[i] = [col_x, lane_y[lane]]
                 else:
-                    ui[i]["pos"], stack_y = [col_x, stack_y], stack_y + sizes[i][1] + GAP_Y
-                bottom = max(bottom, ui[i]["pos"][1] + sizes[i][1])
+                    pos[i], stack_y = [col_x, stack_y], stack_y + sizes[i][1] + GAP_Y
+                bottom = max(bottom, pos[i][1] + sizes[i][1])
             col_x += max(sizes[i][0] for i in in_col) + GAP_X
         right = max(col_x - GAP_X + GROUP_PAD, x + 0.6 * GROUP_FONT * len(stage.title) + GROUP_PAD)
-        groups.append([gi + 1, stage, x, right - x])
+        spans.append((stage, x, right - x))
         x = right + STAGE_GAP
     height = bottom + GROUP_PAD
-    for i, node in enumerate(ui):
-        node["size"] = list(_size(graph.nodes[i], node, expanded=True))
-        node.pop("_rows", None)
-    for node in ui:
+    groups = [{"id": k + 1, "title": stage.title, "bounding": [gx, 0, gw, height],
+               "color": PALETTE[stage.color][2], "font_size": GROUP_FONT, "flags": {}}
+              for k, (stage, gx, gw) in enumerate(spans)]
+    return pos, groups, x - STAGE_GAP, height
+
+
+def to_ui(graph: Graph, node_classes) -> dict:
+    """Lay ``graph`` out (stages left to right, lanes aligned) in the host's UI format."""
+    ids = {n.key: i + 1 for i, n in enumerate(graph.nodes)}
+    if len(ids) != len(graph.nodes):
+        raise SystemExit("node keys must be unique (they are the titles --set refers to)")
+    links: list[list] = []
+    ui = [_node_json(n, ids[n.key], ids, links, node_classes) for n in graph.nodes]
+    pos, groups, width, height = _place(graph, [_size(n, node) for n, node in zip(graph.nodes, ui)])
+
+    by_id = {node["id"]: node for node in ui}
+    for link in links:  # a shared setting's output takes the type and widget name of what it feeds
+        src = by_id[link[1]]
+        if src["type"] == "PrimitiveNode" and not src["outputs"]:
+            widget = by_id[link[3]]["inputs"][link[4]]["widget"]
+            src["outputs"] = [{"name": link[5], "type": link[5], "widget": dict(widget), "links": [],
+                               "slot_index": 0}]
+    nodes = []
+    for k, (n, node) in enumerate(zip(graph.nodes, ui)):
         for out in node["outputs"]:
             out["links"] = [link[0] for link in links if link[1] == node["id"] and link[2] == out["slot_index"]]
-    ordered = [{"id": n["id"], "type": n["type"], "pos": n["pos"], "size": n["size"], "flags": n["flags"],
-                "order": k, **{key: v for key, v in n.items() if key not in ("id", "type", "pos", "size", "flags")}}
-               for k, n in enumerate(ui)]
-    return {"last_node_id": len(ui), "last_link_id": len(links), "nodes": ordered, "links": links,
-            "groups": [{"id": gid, "title": stage.title, "bounding": [gx, 0, gw, height],
-                        "color": PALETTE[stage.color][2], "font_size": GROUP_FONT, "flags": {}}
-                       for gid, stage, gx, gw in groups],
-            "config": {}, "extra": {"ds": {"scale": 0.6, "offset": [0, 0]}}, "version": 0.4}
+        size = list(_size(n, node, expanded=True))  # what the node opens to
+        rest = {key: v for key, v in node.items() if key not in ("id", "type", "flags", "_rows")}
+        nodes.append({"id": node["id"], "type": node["type"], "pos": pos[k], "size": size, "flags": node["flags"],
+                      "order": k, **rest})
+    return {"last_node_id": len(ui), "last_link_id": len(links), "nodes": nodes, "links": links,
+            "groups": groups, "config": {}, "extra": {"ds": _opening_view(width, height)}, "version": 0.4}
+
+
+def _opening_view(width: float, height: float, screen=(1400, 800), margin=(40, 110)) -> dict:
+    """The zoom and offset a template opens with: the whole graph on a laptop screen below the
+    frontend's menu and tabs, but no smaller than the zoom at which the frontend still draws text
+    (its default: 8-px text, i.e. 14-px titles at zoom 0.58)."""
+    scale = round(max(0.6, min(1.0, (screen[0] - margin[0]) / width, (screen[1] - margin[1]) / height)), 3)
+    return {"scale": scale, "offset": [round(margin[0] / scale, 1), round(margin[1] / scale, 1)]}

@@ -73,6 +73,42 @@ def test_workflow_build_script_is_in_sync(host):
         assert fresh == shipped, f"example_workflows/{name}.json is stale: run scripts/build_workflows.py"
 
 
+def _inside(pos, box) -> bool:
+    return box[0] <= pos[0] <= box[0] + box[2] and box[1] <= pos[1] <= box[1] + box[3]
+
+
+@pytest.mark.parametrize("workflow", WORKFLOWS, ids=[p.stem for p in WORKFLOWS])
+def test_workflow_reads_at_a_glance(workflow):
+    """Stage groups left to right holding every node, links that flow rightwards, a note to read
+    first, titles the runner's --set can address."""
+    ui = json.loads(workflow.read_text())
+    groups = ui["groups"]
+    assert groups and [g["bounding"][0] for g in groups] == sorted(g["bounding"][0] for g in groups)
+    assert groups[0]["title"] == "Inputs" and "Protect" in [g["title"] for g in groups]
+    for node in ui["nodes"]:
+        assert sum(_inside(node["pos"], g["bounding"]) for g in groups) == 1, node["title"]
+    x = {n["id"]: n["pos"][0] for n in ui["nodes"]}
+    backwards = [link for link in ui["links"] if x[link[1]] > x[link[3]]]
+    assert not backwards, f"links running right to left: {backwards}"
+    assert any(n["type"] == "MarkdownNote" and "Change first" in n["widgets_values"][0] for n in ui["nodes"])
+    titles = [n["title"] for n in ui["nodes"]]
+    assert len(set(titles)) == len(titles) and not any("." in t for t in titles)
+
+
+def test_lanes_line_up():
+    """Each purifier's chain sits on one row of the stress test, one method's on one row of the comparison."""
+    for name, lane_of in [("antipure_stress_test", lambda t: t.split(" ")[0]),
+                          ("antipure_baseline_comparison", lambda t: t.split(" ")[0])]:
+        ui = json.loads((PACK_DIR / "example_workflows" / f"{name}.json").read_text())
+        rows: dict[str, set] = {}
+        for node in ui["nodes"]:
+            if node["type"].startswith("AntiPure") and node["type"] not in ("AntiPureFrequencyGuidance",
+                                                                             "AntiPureTimestepGuidance"):
+                rows.setdefault(lane_of(node["title"]), set()).add(node["pos"][1])
+        rows.pop("Protect", None)  # the stress test's single Protect feeds every lane
+        assert len(rows) >= 3 and all(len(ys) == 1 for ys in rows.values()), rows
+
+
 @pytest.mark.parametrize("name", ["antipure_stress_test", "antipure_baseline_comparison"])
 def test_every_report_is_shown_on_the_canvas(name):
     """Each Evaluate's report feeds a Preview Any node: the frontend draws text only there."""
