@@ -17,19 +17,19 @@ from pathlib import Path
 from antipure import PACK_ROOT
 
 CHECKPOINT = "antipure_demo_random_sd15.safetensors"
-WORKFLOW = PACK_ROOT / "workflows" / "antipure_stress_test.json"
-SAMPLE = PACK_ROOT / "examples" / "sample_face.png"
+WORKFLOW = PACK_ROOT / "example_workflows" / "antipure_stress_test.json"
+SAMPLE = PACK_ROOT / "assets" / "sample_face.png"
 
 #: small settings so the whole graph runs on a CPU in a few minutes
 DEMO_SETTINGS = [
-    "checkpoint.ckpt_name=" + CHECKPOINT,
-    "Protect (antipure).steps=5", "Protect (antipure).alpha=2",
-    "purify diffpure.steps=10",
-    "purify gridpure.grid_window=64", "purify gridpure.grid_stride=32", "purify gridpure.grid_iterations=2",
-    "latent.width=64", "latent.height=64", "latent.batch_size=2",
-    *[f"customize {p}.steps=10" for p in ("diffpure", "gridpure", "jpeg")],
-    *[f"customize {p}.gradient_checkpointing=false" for p in ("diffpure", "gridpure", "jpeg")],
-    *[f"generate {p}.steps=4" for p in ("diffpure", "gridpure", "jpeg")],
+    "Checkpoint.ckpt_name=" + CHECKPOINT,
+    "Protect.steps=5", "Protect.alpha=2",
+    "DiffPure.steps=10",
+    "GrIDPure.grid_window=64", "GrIDPure.grid_stride=32", "GrIDPure.grid_iterations=2",
+    "Latent.width=64", "Latent.height=64", "Latent.batch_size=2",
+    *[f"{p} LoRA.steps=10" for p in ("DiffPure", "GrIDPure", "JPEG")],
+    *[f"{p} LoRA.gradient_checkpointing=false" for p in ("DiffPure", "GrIDPure", "JPEG")],
+    *[f"{p} sample.steps=4" for p in ("DiffPure", "GrIDPure", "JPEG")],
 ]
 
 

@@ -1,8 +1,12 @@
-"""Write the pack's shipped workflows (``workflows/*.json``, the host's UI format) from short graph descriptions.
+"""Write the pack's shipped workflows (``example_workflows/*.json``, the host's UI format) from short graph descriptions.
 
-Widget order and defaults come from the host's own node schemas, so a saved
-workflow matches what the frontend would save for the same graph. Run it in a
-ComfyUI environment, then ``scripts/render_previews.py`` for the .jpg previews:
+Each workflow is a list of stages (titled groups, left to right) and nodes;
+parallel chains are *lanes* built from one table, so adding a purifier to the
+stress test is one line in ``PURIFIER_LANES`` and adding a method to the
+comparison one line in ``BASELINES``. Layout and the UI format are in
+``scripts/ui_graph.py``; widget order and defaults come from the host's own
+node schemas. Run it in a ComfyUI environment, then
+``scripts/render_previews.py`` for the .jpg previews:
 
     COMFYUI_PATH=/path/to/ComfyUI python scripts/build_workflows.py
 """
@@ -12,111 +16,170 @@ import argparse
 import asyncio
 import json
 import sys
-from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
 
 PACK_ROOT = Path(__file__).resolve().parents[1]
-WORKFLOWS_DIR = PACK_ROOT / "workflows"
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from ui_graph import LANE_COLORS, Graph, N, Stage, to_ui  # noqa: E402
+
+WORKFLOWS_DIR = PACK_ROOT / "example_workflows"
 CHECKPOINT = "v1-5-pruned-emaonly.safetensors"
 INSTANCE_PROMPT = "a photo of sks person"
-PURIFIERS = ("diffpure", "gridpure", "jpeg")
-BASELINES = ("antipure", "advdm", "mist", "photoguard", "sds", "random")
+
+MODEL, CLIP, VAE, PROMPT = ("Checkpoint", 0), ("Checkpoint", 1), ("Checkpoint", 2), ("Prompt", 0)
+SD_PURIFIER = {"model": MODEL, "vae": VAE, "positive": PROMPT}  # purify through the loaded SD model
+
+#: stress-test lanes: (title, AntiPure Purify inputs); a lane's nodes are titled "<title> LoRA", ...
+PURIFIER_LANES = [
+    ("DiffPure", {"method": "diffpure", **SD_PURIFIER}),
+    ("GrIDPure", {"method": "gridpure", **SD_PURIFIER}),
+    ("JPEG", {"method": "jpeg"}),
+]
+#: baseline-comparison lanes: Protect methods, each purified by DiffPure and scored
+BASELINES = ["antipure", "advdm", "mist", "photoguard", "sds", "random"]
+METHOD_TITLES = {"antipure": "AntiPure", "advdm": "AdvDM", "mist": "Mist", "photoguard": "PhotoGuard",
+                 "sds": "SDS", "random": "Random", "aspl": "ASPL", "fsmg": "FSMG", "simac": "SimAC"}
+
+INPUTS, PROTECT, PURIFY, CUSTOMIZE, GENERATE, EVALUATE = (
+    "Inputs", "Protect", "Purify", "Customize", "Generate", "Evaluate")
+SAVE = "Save"
+STAGE_COLORS = {INPUTS: "yellow", PROTECT: "pale_blue", PURIFY: "red", CUSTOMIZE: "purple",
+                GENERATE: "green", EVALUATE: "cyan", SAVE: "cyan"}
 
 
-@dataclass
-class N:
-    """A node: its key (used for links and as the title), class, grid column and inputs.
-
-    ``inputs`` values are widget values, or ``("key", slot)`` links to another node's output.
-    """
-
-    key: str
-    cls: str
-    col: int
-    inputs: dict[str, Any] = field(default_factory=dict)
-    title: str | None = None
+def _stages(*titles: str) -> list[Stage]:
+    return [Stage(t, STAGE_COLORS[t]) for t in titles]
 
 
-def _protect_nodes(col: int, method: str = "antipure", key: str = "protect") -> list[N]:
-    return [N(key, "AntiPureProtect", col, {"image": ("image", 0), "model": ("checkpoint", 0),
-                                            "vae": ("checkpoint", 2), "positive": ("instance prompt", 0),
-                                            "method": method,
-                                            **({"frequency_guidance": ("frequency guidance", 0),
-                                                "timestep_guidance": ("timestep guidance", 0)}
-                                               if method == "antipure" else {})},
-              title=f"Protect ({method})")]
+def _note(text: str) -> N:
+    return N("Read me", "MarkdownNote", INPUTS, {"text": text}, color="yellow", height=250)
 
 
-def _report(evaluate: str, col: int, name: str) -> N:
-    """The Evaluate report drawn on the canvas (the frontend shows text on its own Preview Any node)."""
-    return N(f"report {name}", "PreviewAny", col, {"source": (evaluate, 0)}, title=f"Report ({name})")
-
-
-def _common(cols: int = 0) -> list[N]:
+def _inputs() -> list[N]:
+    """Images, checkpoint, prompt: what a user changes first."""
     return [
-        N("image", "LoadImage", cols, {"image": "example.png"}, title="Images to protect"),
-        N("checkpoint", "CheckpointLoaderSimple", cols, {"ckpt_name": CHECKPOINT}),
-        N("instance prompt", "CLIPTextEncode", cols + 1, {"clip": ("checkpoint", 1), "text": INSTANCE_PROMPT}),
-        N("frequency guidance", "AntiPureFrequencyGuidance", cols + 1),
-        N("timestep guidance", "AntiPureTimestepGuidance", cols + 1),
+        N("Checkpoint", "CheckpointLoaderSimple", INPUTS, {"ckpt_name": CHECKPOINT}),
+        N("Prompt", "CLIPTextEncode", INPUTS, {"clip": CLIP, "text": INSTANCE_PROMPT}, height=130),
+        N("Images", "LoadImage", INPUTS, {"image": "example.png"}),
     ]
 
 
-def protect_workflow() -> list[N]:
-    return _common() + _protect_nodes(2) + [
-        N("save", "SaveImage", 3, {"images": ("protect", 0), "filename_prefix": "antipure/protected"}),
-        N("delta", "PreviewImage", 3, {"images": ("protect", 1)}, title="Perturbation δ (amplified)"),
-    ]
+def _guidance() -> list[N]:
+    """AntiPure's PFG and ETG settings; disconnect one for an ablation."""
+    return [N("PFG", "AntiPureFrequencyGuidance", PROTECT, collapsed=True),
+            N("ETG", "AntiPureTimestepGuidance", PROTECT, collapsed=True)]
 
 
-def stress_test_workflow() -> list[N]:
-    g = _common() + _protect_nodes(2) + [
-        N("negative prompt", "CLIPTextEncode", 1, {"clip": ("checkpoint", 1), "text": ""}),
-        N("save protected", "SaveImage", 3, {"images": ("protect", 0), "filename_prefix": "antipure/protected"}),
-        N("latent", "EmptyLatentImage", 2, {"width": 512, "height": 512, "batch_size": 4}),
-    ]
-    for name in PURIFIERS:
+def _protect(key: str, method: str, **layout) -> N:
+    guidance = {"frequency_guidance": ("PFG", 0), "timestep_guidance": ("ETG", 0)} if method == "antipure" else {}
+    return N(key, "AntiPureProtect", PROTECT, {"image": ("Images", 0), "model": MODEL, "vae": VAE,
+                                               "positive": PROMPT, "method": method, **guidance}, **layout)
+
+
+def _report(key: str, evaluate: str, **layout) -> N:
+    """The Evaluate report drawn on the canvas (the frontend shows text on its own Preview Any node)."""
+    return N(key, "PreviewAny", EVALUATE, {"source": (evaluate, 0)}, height=130, **layout)
+
+
+PROTECT_NOTE = """## Protect images
+Adds AntiPure's bounded perturbation to every image so that a model fine-tuned on them
+(DreamBooth/LoRA) learns garbage, even after the attacker purifies them.
+
+**Change first:** your photos in *Images*, your SD checkpoint (the model the attacker would
+fine-tune), and *eta* (budget, in /255) and *steps* on *Protect*.
+
+PFG and ETG are AntiPure's two guidance terms (click a collapsed node's dot to open it);
+disconnect one to turn it off."""
+
+
+def protect_workflow() -> Graph:
+    return Graph(_stages(INPUTS, PROTECT, SAVE), [
+        _note(PROTECT_NOTE), *_inputs(), *_guidance(), _protect("Protect", "antipure"),
+        N("Protected", "SaveImage", SAVE, {"images": ("Protect", 0), "filename_prefix": "antipure/protected"}),
+        N("Perturbation", "PreviewImage", SAVE, {"images": ("Protect", 1)}),
+    ])
+
+
+STRESS_NOTE = """## Protection stress test
+Protects the images, then plays the attacker: each lane **purifies** the protected images
+({lanes}), **fine-tunes** a DreamBooth LoRA on them, **generates** the instance prompt and
+**scores** the result (reports on the right, files in output/antipure/).
+
+**Change first:** *Images*, *Checkpoint*, the identity token in *Prompt*; then *eta*/*steps*
+on *Protect*.
+
+Collapsed nodes hold the paper's settings: click a node's dot to open it. *Latent* sets the
+size and number of generated images."""
+
+
+def stress_test_workflow() -> Graph:
+    g = [_note(STRESS_NOTE.format(lanes=", ".join(t for t, _ in PURIFIER_LANES))), *_inputs(),
+         N("Negative", "CLIPTextEncode", GENERATE, {"clip": CLIP, "text": ""}, collapsed=True),
+         N("Latent", "EmptyLatentImage", GENERATE, {"width": 512, "height": 512, "batch_size": 4}, collapsed=True),
+         *_guidance(), _protect("Protect", "antipure"),
+         N("Protected", "SaveImage", PROTECT, {"images": ("Protect", 0), "filename_prefix": "antipure/protected"})]
+    for lane, (title, purify) in enumerate(PURIFIER_LANES):
+        color = LANE_COLORS[lane % len(LANE_COLORS)]
+        lora, sample, decode, scores = (f"{title} LoRA", f"{title} sample", f"{title} decode", f"{title} scores")
+        at = {"lane": lane, "collapsed": True, "color": color}
         g += [
-            N(f"purify {name}", "AntiPurePurify", 3, {"image": ("protect", 0), "method": name,
-                                                      "model": ("checkpoint", 0), "vae": ("checkpoint", 2),
-                                                      "positive": ("instance prompt", 0)}),
-            N(f"customize {name}", "AntiPureCustomize", 4,
-              {"model": ("checkpoint", 0), "vae": ("checkpoint", 2), "images": (f"purify {name}", 0),
-               "positive": ("instance prompt", 0), "lora_name": f"antipure/stress_test_{name}"}),
-            N(f"generate {name}", "KSampler", 5,
-              {"model": (f"customize {name}", 0), "positive": ("instance prompt", 0),
-               "negative": ("negative prompt", 0), "latent_image": ("latent", 0), "steps": 30, "cfg": 7.0}),
-            N(f"decode {name}", "VAEDecode", 6, {"samples": (f"generate {name}", 0), "vae": ("checkpoint", 2)}),
-            N(f"evaluate {name}", "AntiPureEvaluate", 7,
-              {"clean": ("image", 0), "protected": ("protect", 0), "purified": (f"purify {name}", 0),
-               "generated": (f"decode {name}", 0), "label": f"antipure+{name}",
-               "filename_prefix": "antipure/stress_test"}),
-            N(f"save comparison {name}", "SaveImage", 8, {"images": (f"evaluate {name}", 1),
-                                                          "filename_prefix": f"antipure/comparison_{name}"}),
-            _report(f"evaluate {name}", 9, name),
+            N(title, "AntiPurePurify", PURIFY, {"image": ("Protect", 0), **purify}, **at),
+            N(lora, "AntiPureCustomize", CUSTOMIZE,
+              {"model": MODEL, "vae": VAE, "images": (title, 0), "positive": PROMPT,
+               "lora_name": f"antipure/stress_test_{title.lower()}"}, **at),
+            N(sample, "KSampler", GENERATE, {"model": (lora, 0), "positive": PROMPT,
+                                             "negative": ("Negative", 0), "latent_image": ("Latent", 0),
+                                             "steps": 30, "cfg": 7.0}, **at),
+            N(decode, "VAEDecode", GENERATE, {"samples": (sample, 0), "vae": VAE}, col=1, **at),
+            N(scores, "AntiPureEvaluate", EVALUATE,
+              {"clean": ("Images", 0), "protected": ("Protect", 0), "purified": (title, 0),
+               "generated": (decode, 0), "label": f"antipure+{title.lower()}",
+               "filename_prefix": "antipure/stress_test"}, **at),
+            N(f"{title} strip", "SaveImage", EVALUATE, {"images": (scores, 1),
+                                                         "filename_prefix": f"antipure/comparison_{title.lower()}"},
+              col=1, **at),
+            _report(f"{title} report", scores, col=2, lane=lane, color=color),
         ]
-    return g
+    return Graph(_stages(INPUTS, PROTECT, PURIFY, CUSTOMIZE, GENERATE, EVALUATE), g)
 
 
-def baseline_comparison_workflow() -> list[N]:
-    g = _common()
-    for method in BASELINES:
-        key = f"protect {method}"
-        g += _protect_nodes(2, method, key)
+COMPARISON_NOTE = """## Protection methods compared
+Each lane protects the same images with one method at the same budget, purifies them with
+DiffPure and scores what survives (reports on the right; the plot collects every method).
+
+**Change first:** *Images*, *Checkpoint*; *eta* (budget, /255) and *steps* (PGD
+steps) set the same budget for every method.
+
+Collapsed nodes hold each method's settings: click a node's dot to open it."""
+
+
+def baseline_comparison_workflow() -> Graph:
+    checkpoint, prompt, images = _inputs()
+    g = [_note(COMPARISON_NOTE), checkpoint, prompt,
+         N("eta", "PrimitiveNode", INPUTS, {"value": 8.0}, height=82),
+         N("steps", "PrimitiveNode", INPUTS, {"value": 100}, height=82), images, *_guidance()]
+    for lane, method in enumerate(BASELINES):
+        title = METHOD_TITLES.get(method, method)
+        color = LANE_COLORS[lane % len(LANE_COLORS)]
+        at = {"lane": lane, "collapsed": True, "color": color}
+        protect = _protect(title, method, **at)
+        protect.inputs.update(eta=("eta", 0), steps=("steps", 0))
         g += [
-            N(f"purify {method}", "AntiPurePurify", 3, {"image": (key, 0), "method": "diffpure",
-                                                        "model": ("checkpoint", 0), "vae": ("checkpoint", 2),
-                                                        "positive": ("instance prompt", 0)}),
-            N(f"evaluate {method}", "AntiPureEvaluate", 4,
-              {"clean": ("image", 0), "protected": (key, 0), "purified": (f"purify {method}", 0),
-               "label": method, "filename_prefix": "antipure/baseline_comparison", "faces": False}),
-            _report(f"evaluate {method}", 5, method),
+            protect,
+            N(f"{title} purified", "AntiPurePurify", PURIFY,
+              {"image": (title, 0), "method": "diffpure", "model": MODEL, "vae": VAE,
+               "positive": PROMPT}, **at),
+            N(f"{title} scores", "AntiPureEvaluate", EVALUATE,
+              {"clean": ("Images", 0), "protected": (title, 0), "purified": (f"{title} purified", 0),
+               "label": method, "filename_prefix": "antipure/baseline_comparison", "faces": False}, **at),
+            _report(f"{title} report", f"{title} scores", col=1, lane=lane, color=color),
         ]
-    g.append(N("save comparison", "SaveImage", 6, {"images": ("evaluate random", 1),
-                                                   "filename_prefix": "antipure/baseline_comparison"},
-               title="Comparison plot (all methods so far)"))
-    return g
+    last = METHOD_TITLES.get(BASELINES[-1], BASELINES[-1])
+    g.append(N("Comparison plot", "SaveImage", EVALUATE, {"images": (f"{last} scores", 1),
+                                                          "filename_prefix": "antipure/baseline_comparison"},
+                   col=1, lane=len(BASELINES)))
+    return Graph(_stages(INPUTS, PROTECT, PURIFY, EVALUATE), g)
 
 
 WORKFLOWS = {
@@ -126,73 +189,10 @@ WORKFLOWS = {
 }
 
 
-def _schema(node_classes, cls: str) -> tuple[dict, list[str], list[str]]:
-    node_class = node_classes[cls]
-    return node_class.INPUT_TYPES(), list(node_class.RETURN_TYPES), list(
-        getattr(node_class, "RETURN_NAMES", None) or node_class.RETURN_TYPES)
-
-
-def to_ui(graph: list[N], node_classes) -> dict:
-    """Lay out ``graph`` in columns and write it in the host's UI format (links, sockets, widget values)."""
-    from antipure.workflow_format import _spec, _widget_default, _widget_type, widget_slots
-
-    ids = {n.key: i + 1 for i, n in enumerate(graph)}
-    links, ui_nodes = [], []
-    out_links: dict[tuple[int, int], list[int]] = {}
-    col_y: dict[int, float] = {}
-    for n in graph:
-        inputs_spec, out_types, out_names = _schema(node_classes, n.cls)
-        specs = {**(inputs_spec.get("required") or {}), **(inputs_spec.get("optional") or {})}
-        unknown = set(n.inputs) - set(specs)
-        if unknown:
-            raise SystemExit(f"{n.key}: {n.cls} has no input(s) {sorted(unknown)}")
-        sockets, widgets = [], []
-        for name in widget_slots(inputs_spec):
-            if name is None:  # control_after_generate / upload button: frontend-only slot
-                widgets.append("fixed" if widgets and isinstance(widgets[-1], int) else "image")
-                continue
-            type_, opts = _spec(specs[name])
-            value = n.inputs.get(name, _widget_default(type_, opts))
-            widgets.append(None if isinstance(value, tuple) else value)
-        for name, spec in specs.items():
-            type_, opts = _spec(spec)
-            value = n.inputs.get(name)
-            is_widget = _widget_type(type_, opts) is not None and not opts.get("forceInput")
-            if is_widget and not isinstance(value, tuple):
-                continue
-            entry = {"name": name, "type": type_ if isinstance(type_, str) else "COMBO", "link": None}
-            if is_widget:
-                entry["widget"] = {"name": name}
-            if isinstance(value, tuple):
-                src_key, slot = value
-                link_id = len(links) + 1
-                links.append([link_id, ids[src_key], slot, ids[n.key], len(sockets), entry["type"]])
-                out_links.setdefault((ids[src_key], slot), []).append(link_id)
-                entry["link"] = link_id
-            sockets.append(entry)
-        height = 46 + 26 * max(len(sockets), len(out_types)) + 26 * len(widgets)
-        height += 280 if n.cls in ("LoadImage", "PreviewImage", "SaveImage") else 0
-        y = col_y.get(n.col, 40.0)
-        col_y[n.col] = y + height + 50
-        ui_nodes.append({
-            "id": ids[n.key], "type": n.cls, "pos": [40 + 380 * n.col, y], "size": [340, height], "flags": {},
-            "order": len(ui_nodes), "mode": 0, "inputs": sockets,
-            "outputs": [{"name": name, "type": t, "links": [], "slot_index": i}
-                        for i, (name, t) in enumerate(zip(out_names, out_types))],
-            "properties": {"Node name for S&R": n.cls}, "widgets_values": widgets,
-            **({"title": n.title or n.key} if (n.title or n.key) else {}),
-        })
-    for node in ui_nodes:
-        for slot, out in enumerate(node["outputs"]):
-            out["links"] = out_links.get((node["id"], slot), [])
-    return {"last_node_id": len(ui_nodes), "last_link_id": len(links), "nodes": ui_nodes, "links": links,
-            "groups": [], "config": {}, "extra": {"ds": {"scale": 0.8, "offset": [0, 0]}}, "version": 0.4}
-
-
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--comfyui", help="ComfyUI root (default: $COMFYUI_PATH or the enclosing ComfyUI)")
-    parser.add_argument("--out", default=str(WORKFLOWS_DIR), help="output folder (default: workflows/)")
+    parser.add_argument("--out", default=str(WORKFLOWS_DIR), help="output folder (default: example_workflows/)")
     ns = parser.parse_args(argv)
     sys.path.insert(0, str(PACK_ROOT))
     from antipure.comfyui import boot_host, find_comfyui, load_pack

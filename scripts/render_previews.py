@@ -1,4 +1,4 @@
-"""Render ``workflows/<name>.jpg`` previews with the host's real web frontend.
+"""Render ``example_workflows/<name>.jpg`` previews with the host's real web frontend.
 
 For each workflow JSON this starts ComfyUI's own server on loopback (CPU, a
 throw-away base directory whose ``custom_nodes/`` links to this pack, so the
@@ -7,7 +7,7 @@ Chromium through Playwright, loads the workflow with ``app.loadGraphData``,
 fits the view, hides the menus and dialogs and saves a JPEG of the canvas
 next to the workflow (the name the host's template browser looks for).
 
-    COMFYUI_PATH=/path/to/ComfyUI python scripts/render_previews.py            # workflows/*.json
+    COMFYUI_PATH=/path/to/ComfyUI python scripts/render_previews.py            # example_workflows/*.json
     python scripts/render_previews.py some/flow.json --out-dir /tmp/previews
 
 Needs Playwright for Python (``pip install playwright``) and a Chromium
@@ -42,10 +42,10 @@ CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic"
                  "--disable-background-networking", "--disable-component-update", "--disable-sync"]
 CHROMIUM_CANDIDATES = ("/usr/bin/chromium", "/usr/bin/chromium-browser", "/usr/bin/google-chrome")
 # frontend settings for a clean canvas: no first-run template browser, minimap, zoom menu, fps info,
-# and full-detail nodes at any zoom
+# full-detail nodes at any zoom and no source badge on every node
 SETTINGS = {"Comfy.TutorialCompleted": True, "Comfy.Minimap.Visible": False, "Comfy.Graph.CanvasMenu": False,
             "Comfy.Graph.CanvasInfo": False, "Comfy.EnableTooltips": False, "Comfy.Validation.Workflows": False,
-            "LiteGraph.Canvas.MinFontSizeForLOD": 0}
+            "LiteGraph.Canvas.MinFontSizeForLOD": 0, "Comfy.NodeBadge.NodeSourceBadgeMode": "None"}
 # everything drawn over the canvas: menus, side bar, toasts, dialogs, the node search box
 HIDE_CSS = """
 body > *:not(#vue-app), .comfyui-menu, .comfyui-body-top, .comfyui-body-left, .comfyui-body-right,
@@ -157,11 +157,13 @@ FIT = 0.92  # share of the picture the graph fills
 MAX_OVERSIZE = 3.0  # a big graph is drawn on a canvas up to 3x the picture, then scaled down
 
 
-def _screenshot(page, data: dict, width: int, height: int):
+def _screenshot(page, data: dict, width: int, height: int, crop: bool = False):
     """Load one workflow into the page and return the canvas as a ``width`` x ``height`` PIL image.
 
     The frontend simplifies nodes (no text) when they are drawn small, so a graph larger than
     the picture is drawn on a proportionally larger canvas at readable zoom and scaled down.
+    With ``crop`` the picture is cut to the graph (``width`` wide, height from the graph's
+    shape): no empty canvas around it, so a thumbnail of it is as large as it can be.
     """
     from PIL import Image
 
@@ -178,17 +180,25 @@ def _screenshot(page, data: dict, width: int, height: int):
     if k > 1.0:
         page.set_viewport_size({"width": round(width * k), "height": round(height * k)})
         page.wait_for_timeout(300)
-    page.evaluate("""([b, zoom]) => {
+    view = page.evaluate("""([b, zoom]) => {
         const c = window.app.canvas;
         c.resize?.();
         c.deselectAll?.();
         c.ds.fitToBounds(b, {zoom});
         c.setDirty(true, true);
         c.draw(true, true);
+        return [c.ds.scale, c.ds.offset[0], c.ds.offset[1]];
     }""", [bounds, FIT])
     page.wait_for_timeout(300)
     png = page.locator("#graph-canvas").screenshot(type="png")
     image = Image.open(io.BytesIO(png)).convert("RGB")
+    if crop:  # screen = (graph + offset) * scale
+        scale, ox, oy = view
+        box = [(bounds[0] + ox) * scale, (bounds[1] + oy) * scale,
+               (bounds[0] + bounds[2] + ox) * scale, (bounds[1] + bounds[3] + oy) * scale]
+        image = image.crop([max(0, round(box[0])), max(0, round(box[1])),
+                            min(image.width, round(box[2])), min(image.height, round(box[3]))])
+        height = round(width * image.height / image.width)
     return image.resize((width, height), Image.LANCZOS) if image.size != (width, height) else image
 
 
@@ -245,8 +255,10 @@ def frontend_prompt(page, data: dict) -> dict:
 
 
 def render(workflows: list[Path], out_dir: Path | None, page, width: int = 1280, height: int = 800,
-           quality: int = 85, min_std: float = 4.0, errors: list[str] | None = None) -> list[Path]:
-    """Screenshot each workflow in a :func:`frontend_page`; returns the JPEG paths.
+           quality: int = 85, min_std: float = 4.0, errors: list[str] | None = None,
+           crop: bool = False) -> list[Path]:
+    """Screenshot each workflow in a :func:`frontend_page` (``crop``: cut to the graph, see
+    :func:`_screenshot`); returns the JPEG paths.
 
     Raises:
         PreviewError: a picture came out blank (pixel standard deviation below ``min_std``).
@@ -255,7 +267,7 @@ def render(workflows: list[Path], out_dir: Path | None, page, width: int = 1280,
     written = []
     for wf in workflows:
         target = (out_dir or wf.parent) / (wf.stem + ".jpg")
-        shot = _screenshot(page, json.loads(wf.read_text(encoding="utf-8")), width, height)
+        shot = _screenshot(page, json.loads(wf.read_text(encoding="utf-8")), width, height, crop)
         target.parent.mkdir(parents=True, exist_ok=True)
         shot.save(target, "JPEG", quality=quality, optimize=True)
         std = pixel_std(target)
@@ -270,21 +282,24 @@ def render(workflows: list[Path], out_dir: Path | None, page, width: int = 1280,
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("workflows", nargs="*", type=Path, help="workflow JSON files (default: workflows/*.json)")
+    p.add_argument("workflows", nargs="*", type=Path, help="workflow JSON files (default: example_workflows/*.json)")
     p.add_argument("--out-dir", type=Path, help="where to write the .jpg files (default: next to each workflow)")
     p.add_argument("--comfyui", help="ComfyUI folder (default: $COMFYUI_PATH or the pack's location)")
     p.add_argument("--chromium", help="Chromium binary (default: $CHROMIUM or /usr/bin/chromium)")
     p.add_argument("--width", type=int, default=1280)
     p.add_argument("--height", type=int, default=800)
+    p.add_argument("--full-frame", action="store_true",
+                   help="keep the whole width x height frame (default: cut the picture to the graph)")
     ns = p.parse_args(argv)
-    workflows = ns.workflows or sorted((PACK_ROOT / "workflows").glob("*.json"))
+    workflows = ns.workflows or sorted((PACK_ROOT / "example_workflows").glob("*.json"))
     if not workflows:
         print("no workflows to render", file=sys.stderr)
         return 1
     try:
         comfy_root, chromium = find_comfyui(ns.comfyui), find_chromium(ns.chromium)
         with frontend_page(comfy_root, chromium, ns.width, ns.height) as (page, errors):
-            render([Path(w) for w in workflows], ns.out_dir, page, ns.width, ns.height, errors=errors)
+            render([Path(w) for w in workflows], ns.out_dir, page, ns.width, ns.height, errors=errors,
+                   crop=not ns.full_frame)
     except RunnerError as e:
         print(f"error: {e}", file=sys.stderr)
         return e.code

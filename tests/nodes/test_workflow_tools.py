@@ -580,8 +580,8 @@ def test_conversion_matches_the_frontend(frontend):
         path = Path(templates.get_templates_path()) / f"{name}.json"
         if path.is_file():
             cases[name] = json.loads(path.read_text(encoding="utf-8"))
-    for path in sorted((PACK_DIR / "workflows").glob("*.json")):
-        cases[f"workflows/{path.name}"] = json.loads(path.read_text(encoding="utf-8"))
+    for path in sorted((PACK_DIR / "example_workflows").glob("*.json")):
+        cases[f"example_workflows/{path.name}"] = json.loads(path.read_text(encoding="utf-8"))
     assert len(cases) >= 4
     for name, data in cases.items():
         expected = _schema_inputs(render_previews.frontend_prompt(page, data))

@@ -15,8 +15,8 @@ from antipure.prompts import apply_sets, find_image_inputs, validate
 from antipure.workflow_format import load_prompt
 from tests.nodes.host import PACK_DIR
 
-WORKFLOWS = sorted((PACK_DIR / "workflows").glob("*.json"))
-SAMPLE = PACK_DIR / "examples" / "sample_face.png"
+WORKFLOWS = sorted((PACK_DIR / "example_workflows").glob("*.json"))
+SAMPLE = PACK_DIR / "assets" / "sample_face.png"
 
 
 @pytest.fixture(scope="module")
@@ -69,14 +69,50 @@ def test_workflow_build_script_is_in_sync(host):
     spec.loader.exec_module(build)
     for name, make in build.WORKFLOWS.items():
         fresh = build.to_ui(make(), nodes.NODE_CLASS_MAPPINGS)
-        shipped = json.loads((PACK_DIR / "workflows" / f"{name}.json").read_text())
-        assert fresh == shipped, f"workflows/{name}.json is stale: run scripts/build_workflows.py"
+        shipped = json.loads((PACK_DIR / "example_workflows" / f"{name}.json").read_text())
+        assert fresh == shipped, f"example_workflows/{name}.json is stale: run scripts/build_workflows.py"
+
+
+def _inside(pos, box) -> bool:
+    return box[0] <= pos[0] <= box[0] + box[2] and box[1] <= pos[1] <= box[1] + box[3]
+
+
+@pytest.mark.parametrize("workflow", WORKFLOWS, ids=[p.stem for p in WORKFLOWS])
+def test_workflow_reads_at_a_glance(workflow):
+    """Stage groups left to right holding every node, links that flow rightwards, a note to read
+    first, titles the runner's --set can address."""
+    ui = json.loads(workflow.read_text())
+    groups = ui["groups"]
+    assert groups and [g["bounding"][0] for g in groups] == sorted(g["bounding"][0] for g in groups)
+    assert groups[0]["title"] == "Inputs" and "Protect" in [g["title"] for g in groups]
+    for node in ui["nodes"]:
+        assert sum(_inside(node["pos"], g["bounding"]) for g in groups) == 1, node["title"]
+    x = {n["id"]: n["pos"][0] for n in ui["nodes"]}
+    backwards = [link for link in ui["links"] if x[link[1]] > x[link[3]]]
+    assert not backwards, f"links running right to left: {backwards}"
+    assert any(n["type"] == "MarkdownNote" and "Change first" in n["widgets_values"][0] for n in ui["nodes"])
+    titles = [n["title"] for n in ui["nodes"]]
+    assert len(set(titles)) == len(titles) and not any("." in t for t in titles)
+
+
+def test_lanes_line_up():
+    """Each purifier's chain sits on one row of the stress test, one method's on one row of the comparison."""
+    for name, lane_of in [("antipure_stress_test", lambda t: t.split(" ")[0]),
+                          ("antipure_baseline_comparison", lambda t: t.split(" ")[0])]:
+        ui = json.loads((PACK_DIR / "example_workflows" / f"{name}.json").read_text())
+        rows: dict[str, set] = {}
+        for node in ui["nodes"]:
+            if node["type"].startswith("AntiPure") and node["type"] not in ("AntiPureFrequencyGuidance",
+                                                                             "AntiPureTimestepGuidance"):
+                rows.setdefault(lane_of(node["title"]), set()).add(node["pos"][1])
+        rows.pop("Protect", None)  # the stress test's single Protect feeds every lane
+        assert len(rows) >= 3 and all(len(ys) == 1 for ys in rows.values()), rows
 
 
 @pytest.mark.parametrize("name", ["antipure_stress_test", "antipure_baseline_comparison"])
 def test_every_report_is_shown_on_the_canvas(name):
     """Each Evaluate's report feeds a Preview Any node: the frontend draws text only there."""
-    ui = json.loads((PACK_DIR / "workflows" / f"{name}.json").read_text())
+    ui = json.loads((PACK_DIR / "example_workflows" / f"{name}.json").read_text())
     kinds = {n["id"]: n["type"] for n in ui["nodes"]}
     evaluates = [i for i, k in kinds.items() if k == "AntiPureEvaluate"]
     shown = {src for _, src, slot, dst, _, _ in ui["links"] if slot == 0 and kinds[dst] == "PreviewAny"}
@@ -88,11 +124,11 @@ def test_stress_test_runs_end_to_end(host, prompt_for, output_dir, tmp_path):
 
     from antipure.demo import DEMO_SETTINGS
 
-    sets = [s for s in DEMO_SETTINGS if not s.startswith("checkpoint.")]
-    sets += ["Protect (antipure).steps=2", "latent.width=32", "latent.height=32", "latent.batch_size=1"]
-    sets += [f"customize {p}.steps=3" for p in ("diffpure", "gridpure", "jpeg")]
-    sets += [f"generate {p}.steps=2" for p in ("diffpure", "gridpure", "jpeg")]
-    prompt = prompt_for(PACK_DIR / "workflows" / "antipure_stress_test.json", sets)
+    sets = [s for s in DEMO_SETTINGS if not s.startswith("Checkpoint.")]
+    sets += ["Protect.steps=2", "Latent.width=32", "Latent.height=32", "Latent.batch_size=1"]
+    sets += [f"{p} LoRA.steps=3" for p in ("DiffPure", "GrIDPure", "JPEG")]
+    sets += [f"{p} sample.steps=2" for p in ("DiffPure", "GrIDPure", "JPEG")]
+    prompt = prompt_for(PACK_DIR / "example_workflows" / "antipure_stress_test.json", sets)
     images = tmp_path / "images"
     images.mkdir()
     shutil.copy(SAMPLE, images / "face.png")
