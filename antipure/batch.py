@@ -116,12 +116,12 @@ class BatchRunner:
     def _strings(self, prompt: Mapping[str, dict]) -> dict[str, str]:
         import nodes
 
-        outputs, texts = {}, {}
+        outputs, ui = {}, {}
         for node_id in prompt:
             data = self.executor.caches.outputs.get(node_id)
             outputs[node_id] = getattr(data, "outputs", data)  # newer hosts wrap outputs in a cache entry
-            texts[node_id] = ((self.executor.caches.ui.get(node_id) or {}).get("output") or {}).get("text")
-        return string_columns(prompt, nodes.NODE_CLASS_MAPPINGS, outputs, texts)
+            ui[node_id] = (self.executor.caches.ui.get(node_id) or {}).get("output") or {}
+        return string_columns(prompt, nodes.NODE_CLASS_MAPPINGS, outputs, ui)
 
 
 async def run_batch(prompt: dict, image_input: tuple[str, str], images: Sequence[Path], out: Path,

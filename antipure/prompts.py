@@ -208,14 +208,15 @@ def set_image(prompt: Mapping[str, dict], image_input: tuple[str, str], image_na
 
 
 def string_columns(prompt: Mapping[str, dict], node_classes: Mapping[str, Any],
-                   outputs: Mapping[str, Any], ui_texts: Mapping[str, Any]) -> dict[str, str]:
+                   outputs: Mapping[str, Any], ui: Mapping[str, Any]) -> dict[str, str]:
     """The STRING values of a finished run as results-table columns, ``"<title>.<output name>"``
-    (STRING outputs) and ``"<title>.text"`` (text a node showed in the UI); a title shared by
+    (STRING outputs), ``"<title>.text"`` (text a node showed in the UI) and ``"<title>.<metric>"``
+    (each entry of a ``metrics`` UI result, e.g. AntiPure Evaluate's scores); a title shared by
     several nodes gets ``" #<id>"``. Node order, then output order.
 
     Args:
         outputs: node id -> its output values, one list (a batch of values) per output slot.
-        ui_texts: node id -> the ``text`` list of its UI result.
+        ui: node id -> its UI result (a dict with optional ``text`` and ``metrics`` lists).
     """
     strings = {}
     for node_id in prompt:
@@ -231,7 +232,12 @@ def string_columns(prompt: Mapping[str, dict], node_classes: Mapping[str, Any],
                 values = [v for v in data[i] if isinstance(v, str)]
                 if values:
                     strings[f"{label}.{names[i]}"] = "\n".join(values)
-        texts = ui_texts.get(node_id)
+        shown = ui.get(node_id) or {}
+        texts = shown.get("text")
         if isinstance(texts, (list, tuple)) and texts and all(isinstance(t, str) for t in texts):
             strings.setdefault(f"{label}.text", "\n".join(texts))
+        for metrics in shown.get("metrics") or ():
+            if isinstance(metrics, Mapping):
+                for key, value in metrics.items():
+                    strings.setdefault(f"{label}.{key}", str(value))
     return strings

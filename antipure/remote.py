@@ -220,8 +220,7 @@ class ComfyServer:
                 values.setdefault(nid, [])
                 values[nid] += [None] * (slot + 1 - len(values[nid]))
                 values[nid][slot] = list(text)
-        texts = {nid: (outputs.get(nid) or {}).get("text") for nid in prompt}
-        return string_columns(prompt, self.batch.classes, values, texts)
+        return string_columns(prompt, self.batch.classes, values, {nid: outputs.get(nid) or {} for nid in prompt})
 
     async def _wait(self, ws: aiohttp.ClientWebSocketResponse, prompt_id: str,
                     report: Callable[[str, dict], None]) -> dict:

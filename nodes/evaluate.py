@@ -198,5 +198,7 @@ class AntiPureEvaluate(io.ComfyNode):
         report = report_markdown(label, row, tables, {k: _describe(v) for k, v in host.items()}, prefix,
                                  weights_dir)
         plot = to_host(evaluation_figure(list(images.items()), tables))
+        # "metrics": one value per score, so the headless runner's results.csv gets a column each
+        metrics = {k: str(v) for k, v in row.items() if k not in ("time", "notes")}
         return io.NodeOutput(report, plot, ui={**ui.PreviewText(report).as_dict(),
-                                               **ui.PreviewImage(plot, cls=cls).as_dict()})
+                                               **ui.PreviewImage(plot, cls=cls).as_dict(), "metrics": [metrics]})

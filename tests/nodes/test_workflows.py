@@ -138,6 +138,10 @@ def test_stress_test_runs_end_to_end(host, prompt_for, output_dir, tmp_path):
     assert [r.status for r in results] == ["ok"], results[0].error
     rows = list(csv.DictReader(open(tmp_path / "out" / "results.csv")))
     assert len(rows) == 1 and rows[0]["status"] == "ok"
+    # each Evaluate score is a column of its own, FID included (it names the missing weights here)
+    fid = [v for k, v in rows[0].items() if k.endswith(".generated/fid")]
+    assert len(fid) == 3 and all("not available" in v for v in fid), rows[0].keys()
+    assert all(float(v) > 0 for k, v in rows[0].items() if k.endswith(".protected/psnr"))
     written = {p.name for p in (tmp_path / "out").rglob("*")}
     assert any(n.endswith(".csv") and "stress_test" in n for n in written), written
     assert any(n.endswith(".json") and "stress_test" in n for n in written), written
