@@ -209,14 +209,17 @@ class ServerProcess:
         port: the port, or ``None`` for a free one.
         cpu: pass ``--cpu``.
         pack_dir: the pack to link (``None``: none).
+        link_name: the pack's folder name under ``custom_nodes/`` (default: ``pack_dir``'s name).
     """
 
     def __init__(self, comfy_root: Path, base: Path, port: int | None = None, cpu: bool = True,
-                 pack_dir: Path | None = PACK_ROOT):
+                 pack_dir: Path | None = PACK_ROOT, link_name: str | None = None):
         self.base = Path(base)
         (self.base / "custom_nodes").mkdir(parents=True, exist_ok=True)
-        if pack_dir is not None and not (self.base / "custom_nodes" / pack_dir.name).exists():
-            os.symlink(pack_dir, self.base / "custom_nodes" / pack_dir.name, target_is_directory=True)
+        if pack_dir is not None:
+            link = self.base / "custom_nodes" / (link_name or pack_dir.name)
+            if not link.exists():
+                os.symlink(pack_dir, link, target_is_directory=True)
         self.port = port or free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         cmd = [sys.executable, "main.py", "--listen", "127.0.0.1", "--port", str(self.port),

@@ -24,18 +24,14 @@ import io
 import json
 import os
 import shutil
-import socket
-import subprocess
 import sys
 import tempfile
-import time
-import urllib.request
 from pathlib import Path
 
 PACK_ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(PACK_ROOT))
 
-from antipure.comfyui import find_comfyui  # noqa: E402
+from antipure.comfyui import ServerProcess, find_comfyui  # noqa: E402
 from antipure.errors import RunnerError  # noqa: E402
 
 CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
@@ -71,12 +67,6 @@ def find_chromium(explicit: str | None = None) -> str:
     raise PreviewError("no Chromium found: apt-get install chromium (or set CHROMIUM=/path/to/chrome)", 2)
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def _pack_name(pack_dir: Path) -> str:
     """The folder name a user's install has (the frontend shows it as the nodes' source badge):
     the project name from pyproject.toml, else the checkout's folder name."""
@@ -91,49 +81,23 @@ def _pack_name(pack_dir: Path) -> str:
 @contextlib.contextmanager
 def comfy_server(comfy_root: Path, pack_dir: Path = PACK_ROOT, timeout: float = 180.0, log=None):
     """Run ComfyUI's ``main.py`` on a free loopback port with the pack linked into a temporary
-    ``custom_nodes/``; yields the base URL and stops the server afterwards."""
+    ``custom_nodes/`` under its project name; yields the base URL and stops the server afterwards."""
     with tempfile.TemporaryDirectory(prefix="antipure-preview-") as base:
         base = Path(base)
-        (base / "custom_nodes").mkdir()
-        os.symlink(pack_dir, base / "custom_nodes" / _pack_name(pack_dir), target_is_directory=True)
         user = base / "user" / "default"
         user.mkdir(parents=True)
         (user / "comfy.settings.json").write_text(json.dumps(SETTINGS))
-        port = _free_port()
-        cmd = [sys.executable, "main.py", "--cpu", "--listen", "127.0.0.1", "--port", str(port),
-               "--base-directory", str(base), "--disable-auto-launch", "--disable-api-nodes",
-               "--database-url", "sqlite:///:memory:"]
-        logfile = open(base / "server.log", "w")
-        proc = subprocess.Popen(cmd, cwd=comfy_root, stdout=logfile, stderr=subprocess.STDOUT,
-                                stdin=subprocess.DEVNULL)
-        url = f"http://127.0.0.1:{port}"
+        server = ServerProcess(comfy_root, base, pack_dir=pack_dir, link_name=_pack_name(pack_dir))
         try:
-            deadline = time.monotonic() + timeout
-            while True:
-                if proc.poll() is not None:
-                    raise PreviewError(f"ComfyUI server exited with code {proc.returncode}:\n"
-                                       + (base / "server.log").read_text()[-3000:])
-                try:
-                    with urllib.request.urlopen(url + "/system_stats", timeout=2) as r:
-                        if r.status == 200:
-                            break
-                except OSError:
-                    pass
-                if time.monotonic() > deadline:
-                    raise PreviewError(f"ComfyUI server did not answer within {timeout:.0f} s:\n"
-                                       + (base / "server.log").read_text()[-3000:])
-                time.sleep(0.5)
+            try:
+                url = server.wait_ready(timeout)
+            except RunnerError as e:
+                raise PreviewError(str(e)) from e
             yield url
         finally:
-            proc.terminate()
-            try:
-                proc.wait(timeout=15)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                proc.wait()
-            logfile.close()
+            server.stop()
             if log is not None:
-                log.write((base / "server.log").read_text())
+                log.write(server.log.read_text())
 
 
 def pixel_std(path: Path) -> float:
