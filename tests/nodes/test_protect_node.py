@@ -36,10 +36,10 @@ def protect_graph(ckpt: str, image: str, method: str = "antipure", steps: int = 
     img = g.node("LoadImage", image=image)
     extra = {}
     if guidance:
-        extra["frequency_guidance"] = g.node("AntiPureFrequencyGuidance", weight=1.0, patch_size=8, threshold=0.0,
-                                             soft_mask=False, transform="dct", space="pixel", t_star=0.3).out(0)
-        extra["timestep_guidance"] = g.node("AntiPureTimestepGuidance", weight=1.0, mapping="reverse", offset=500,
-                                            mode="match").out(0)
+        extra["frequency_guidance"] = g.node("AntiPureFrequencyGuidance", weight=0.5, patch_size=8,
+                                             reduction="signed").out(0)
+        extra["timestep_guidance"] = g.node("AntiPureTimestepGuidance", weight=0.5, rule="offset", offset=0,
+                                            scale=2.0, stop_gradient=True).out(0)
     protect = g.node("AntiPureProtect", image=img.out(0), model=loader.out(0), vae=loader.out(2),
                      positive=text.out(0), method=method, eta=8.0, steps=steps, alpha=2.0, seed=0,
                      random_start=False, eot_samples=1, **extra)
