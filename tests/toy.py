@@ -73,31 +73,11 @@ class ToyLDM(ScheduledModule):
         return self.unet(z_t, t.to(z_t.device), cond)
 
 
-class ToyPixel(ScheduledModule):
-    """Tiny pixel-space model (``downsample = 1``, ``encode = 2x − 1``) with the core's interface; ``cond`` as ToyLDM."""
-
-    downsample = 1
-
-    def __init__(self, cond_dim: int = 16, num_timesteps: int = 1000):
-        super().__init__(num_timesteps)
-        self.unet = ToyUNet(z_ch=3, cond_dim=cond_dim)
-
-    def encode(self, x):
-        return x * 2 - 1
-
-    def decode(self, z):
-        return (z + 1) / 2
-
-    def predict_noise(self, z_t, t, cond):
-        return self.unet(z_t, t.to(z_t.device), cond)
-
-
-def make_toy(seed: int = 0, cond_dim: int = 16, pixel: bool = False) -> tuple[ToyLDM | ToyPixel, torch.Tensor]:
-    """A seeded toy model (latent, or pixel-space with ``pixel=True``) in eval mode with frozen weights,
-    and a conditioning vector."""
+def make_toy(seed: int = 0, cond_dim: int = 16) -> tuple[ToyLDM, torch.Tensor]:
+    """A seeded toy model in eval mode with frozen weights, and a conditioning vector."""
     g = torch.Generator().manual_seed(seed)
     torch.manual_seed(seed)
-    model = (ToyPixel if pixel else ToyLDM)(cond_dim=cond_dim)
+    model = ToyLDM(cond_dim=cond_dim)
     # variance-preserving init: with PyTorch's default init, activations shrink
     # layer by layer and the random model would barely depend on its input
     for mod in model.modules():

@@ -1,7 +1,7 @@
 """AntiPure as published (DESIGN §1.1): each term against a direct recomputation of its formula.
 
-L = L_ddpm + λ₁·e^{ᾱ_t−1}·L_fre + λ₂·e^{L_err}, t ~ U{1..t^p}, on a tiny pixel-space model
-(downsample 1, encode 2x − 1) and, for "x̂₀ decoded for PFG", on the tiny latent toy.
+L = L_ddpm + λ₁·e^{ᾱ_t−1}·L_fre + λ₂·e^{L_err}, t ~ U{1..t^p}, on a tiny random-weight ADM
+(the pixel purifier's code path) and, for "x̂₀ decoded for PFG", on the tiny latent toy.
 """
 import math
 
@@ -12,12 +12,13 @@ from antipure_core.frequency import FrequencyGuidance
 from antipure_core.methods import AttackContext, antipure_loss, antipure_terms, attack_tiles
 from antipure_core.protect import protect
 from antipure_core.timestep import TimestepGuidance
+from tests.tiny_adm import tiny_pixel_diffusion
 from tests.toy import make_toy, smooth_image
 
 
 @pytest.fixture(scope="module")
 def pixel():
-    return make_toy(0, pixel=True)
+    return tiny_pixel_diffusion(seed=0), None
 
 
 def textbook_highest_quarter(img: torch.Tensor, s: int) -> torch.Tensor:
@@ -182,3 +183,14 @@ def test_window_larger_than_image_is_whole_image(pixel):
     ctx = AttackContext(model, smooth_image(1, 32, 32), cond, torch.Generator(), 0, 9, window=256)
     z = torch.zeros(1, 3, 32, 32)
     assert attack_tiles(ctx, z)[0] is z
+
+
+def test_protect_raises_the_objective_on_the_pixel_purifier(pixel):
+    from antipure_core.protect import evaluate_objective
+    model, cond = pixel
+    x = smooth_image(1, 32, 32)
+    before = evaluate_objective(model, x, x, cond, "antipure", seed=11, samples=8)["objective"]
+    x_adv = protect(model, x, cond, eta=16 / 255, alpha=2 / 255, steps=8, seed=1)
+    after = evaluate_objective(model, x_adv, x, cond, "antipure", seed=11, samples=8)["objective"]
+    assert after > before + 0.05 * abs(before), (before, after)
+    assert (x_adv - x).abs().max() <= 16 / 255 + 1e-7
