@@ -182,7 +182,8 @@ def pixel_gridpure(model, x: Tensor, t_star: int = GRIDPURE.t_star, window: int 
         report(callback, i=k, total=total, round=r, t=info["t"])
         k += 1
 
+    y = x.to(device=model.device, dtype=torch.float32)  # windows are cut where the model runs
     for r in range(rounds):
-        x = gridpure(x, lambda tile: pixel_diffpure(model, tile, t_star, generator=generator, callback=step),
+        y = gridpure(y, lambda tile: pixel_diffpure(model, tile, t_star, generator=generator, callback=step),
                      window=window, stride=stride, iterations=iterations, gamma=gamma)
-    return x
+    return y.to(device=x.device, dtype=x.dtype)
