@@ -11,12 +11,12 @@ from ..antipure_core.protect import DEFAULT_T_PURIFY, protect
 from . import bridge, checkpointing
 from .comfy_host import io
 from .guidance import ETG, PFG
-from .pixel_bridge import PIXEL_TYPE, check_pixel_purifier, pixel_session
+from .pixel_bridge import check_pixel_purifier, pixel_session
+from .pixel_diffusion import PIXEL_DIFFUSION
 from .images import to_core, to_host
 from .progress import host_callback, node_id
 
 
-PIXEL = io.Custom(PIXEL_TYPE)
 #: the attack's window on a pixel purifier when ``window`` is 0: GrIDPure's (the ADM-256's own size)
 PIXEL_WINDOW = 256
 #: methods whose loss is an attack on a VAE encoder: meaningless on a pixel purifier
@@ -85,7 +85,7 @@ class AntiPureProtect(io.ComfyNode):
                           tooltip="PFG settings for method=antipure. Disconnected = PFG off (ablation)."),
                 ETG.Input("timestep_guidance", optional=True,
                           tooltip="ETG settings for method=antipure. Disconnected = ETG off (ablation)."),
-                PIXEL.Input("purifier", optional=True,
+                PIXEL_DIFFUSION.Input("purifier", optional=True,
                             tooltip="A pixel-space diffusion model (AntiPure Load Pixel Diffusion, e.g. the "
                                     "guided-diffusion ADM that GrIDPure uses) to attack, white-box as in the paper. "
                                     "Empty: the MODEL + VAE are the purifier."),
