@@ -15,6 +15,7 @@ from safetensors.torch import save_file
 import folder_paths
 
 from tests.nodes.graph import GraphBuilder
+from tests.nodes.test_protect_node import guidance_inputs
 from tests.nodes.test_purify_node import PURIFY_DEFAULTS
 from tests.tiny_adm import random_adm
 from tests.toy import smooth_image
@@ -45,12 +46,7 @@ def pipeline(pixel_ckpt, guidance: bool = True):
     g = GraphBuilder(prefix="")
     pixel = g.node("AntiPureLoadPixelDiffusion", ckpt_name=pixel_ckpt, weight_dtype="fp32", num_head_channels=64)
     img = g.node("EmptyImage", width=SIZE, height=SIZE, batch_size=1, color=0x8060A0)
-    extra = {}
-    if guidance:
-        extra["frequency_guidance"] = g.node("AntiPureFrequencyGuidance", weight=0.5, patch_size=8,
-                                             reduction="signed").out(0)
-        extra["timestep_guidance"] = g.node("AntiPureTimestepGuidance", weight=0.5, rule="offset", offset=0,
-                                            scale=2.0, stop_gradient=True).out(0)
+    extra = guidance_inputs(g) if guidance else {}
     protect = g.node("AntiPureProtect", image=img.out(0), purifier=pixel.out(0), **PROTECT, **extra)
     purify = g.node("AntiPurePurify", image=protect.out(0), pixel_model=pixel.out(0),
                     **{**PURIFY_DEFAULTS, "method": "gridpure", "grid_window": 32, "grid_stride": 16,
