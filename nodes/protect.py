@@ -88,7 +88,8 @@ class AntiPureProtect(io.ComfyNode):
                 PIXEL_DIFFUSION.Input("purifier", optional=True,
                             tooltip="A pixel-space diffusion model (AntiPure Load Pixel Diffusion, e.g. the "
                                     "guided-diffusion ADM that GrIDPure uses) to attack, white-box as in the paper. "
-                                    "Empty: the MODEL + VAE are the purifier."),
+                                    "Connected, it is the purifier and model/vae/positive are not used; empty: the "
+                                    "MODEL + VAE are the purifier."),
                 io.Int.Input("t_purify", default=DEFAULT_T_PURIFY, min=1, max=999, optional=True,
                              tooltip="t^p for antipure: the purifier's t* in steps of 1000; t ~ U{1..t^p}. "
                                      "10 = GrIDPure's preset; use the t* your purifier runs with."),
