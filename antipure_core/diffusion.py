@@ -5,10 +5,15 @@ import torch
 from torch import Tensor
 
 
+def gather(table: Tensor, t: Tensor, like: Tensor) -> Tensor:
+    """``table[t]`` for integer timesteps ``t (B,)``, float32, shaped ``(B, 1, ...)`` to broadcast over ``like``."""
+    v = table.to(device=like.device, dtype=torch.float32)[t.to(like.device).long()]
+    return v.view(-1, *([1] * (like.ndim - 1)))
+
+
 def abar_at(model, t: Tensor, like: Tensor) -> Tensor:
     """``abar_t`` gathered for integer timesteps ``t`` and shaped to broadcast over ``like``."""
-    ab = model.alphas_cumprod.to(device=like.device, dtype=torch.float32)[t.to(like.device).long()]
-    return ab.view(-1, *([1] * (like.ndim - 1)))
+    return gather(model.alphas_cumprod, t, like)
 
 
 def q_sample(model, z0: Tensor, t: Tensor, noise: Tensor) -> Tensor:

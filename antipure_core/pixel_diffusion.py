@@ -22,6 +22,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from .adm import ADMUNet, adm_from_state_dict
+from .diffusion import gather
 from .model import ScheduledModule
 from .weights import load_state_dict
 
@@ -30,11 +31,6 @@ def adm_linear_betas(num_timesteps: int = 1000) -> Tensor:
     """guided-diffusion's "linear" β schedule, float64 ``(num_timesteps,)``, scaled so any length spans the same range."""
     scale = 1000 / num_timesteps
     return torch.linspace(scale * 1e-4, scale * 0.02, num_timesteps, dtype=torch.float64)
-
-
-def _gather(table: Tensor, t: Tensor, like: Tensor) -> Tensor:
-    """``table[t]`` shaped ``(B, 1, 1, 1)`` to broadcast over ``like``, in float32."""
-    return table.to(like.device)[t.to(like.device).long()].float().view(-1, *([1] * (like.ndim - 1)))
 
 
 class PixelDiffusion(ScheduledModule):
@@ -109,9 +105,9 @@ class PixelDiffusion(ScheduledModule):
         (``var_values = None``): the fixed "large" variance β_t (β̃_1 at t = 0).
         """
         if var_values is None:
-            return _gather(self.fixed_log_variance, t, like).expand_as(like)
-        max_log = _gather(self.betas.log(), t, like)
-        min_log = _gather(self.posterior_log_variance_clipped, t, like)
+            return gather(self.fixed_log_variance, t, like).expand_as(like)
+        max_log = gather(self.betas.log(), t, like)
+        min_log = gather(self.posterior_log_variance_clipped, t, like)
         frac = (var_values.float() + 1) / 2
         return frac * max_log + (1 - frac) * min_log
 
@@ -124,7 +120,7 @@ class PixelDiffusion(ScheduledModule):
 
     def posterior_mean(self, x0: Tensor, z_t: Tensor, t: Tensor) -> Tensor:
         """Mean of ``q(x_{t-1} | x_t, x_0)``."""
-        return _gather(self.posterior_mean_coef1, t, z_t) * x0 + _gather(self.posterior_mean_coef2, t, z_t) * z_t
+        return gather(self.posterior_mean_coef1, t, z_t) * x0 + gather(self.posterior_mean_coef2, t, z_t) * z_t
 
 
 def load_pixel_diffusion(path: str | os.PathLike, num_head_channels: int = 64,

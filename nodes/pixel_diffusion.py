@@ -53,7 +53,7 @@ class AntiPureLoadPixelDiffusion(io.ComfyNode):
                 io.Int.Input("num_head_channels", default=64, min=-1, max=1024,
                              tooltip="Attention head width, which the weights do not record: 64 for every "
                                      "public unconditional guided-diffusion release. Change only for a model "
-                                     "trained otherwise."),
+                                     "trained otherwise (-1: one head per attention block)."),
             ],
             outputs=[PIXEL_DIFFUSION.Output(display_name="pixel_model")],
         )

@@ -199,13 +199,18 @@ def pixel_timestep(num_timesteps: int, fraction: float) -> int:
     return max(1, min(num_timesteps, round(fraction * num_timesteps)))
 
 
-def pixel_purify(pixel_model, x: Tensor, method: str, t_star: float, grid_t_star: float, window: int, stride: int,
-                 iterations: int, gamma: float, rounds: int, generator: torch.Generator, node_id=None) -> Tensor:
-    """diffpure/gridpure on a pixel-space model (:mod:`antipure_core.purify_pixel`); the bar moves per DDPM step."""
+def pixel_purify(pixel_model, x: Tensor, method: str, t_star: float, size: int, grid_t_star: float, window: int,
+                 stride: int, iterations: int, gamma: float, rounds: int, generator: torch.Generator,
+                 node_id=None) -> Tensor:
+    """diffpure/gridpure on a pixel-space model (:mod:`antipure_core.purify_pixel`); the bar moves per DDPM step.
+
+    ``size``: diffpure's square working size (0 = the image's own resolution).
+    """
     check_pixel_image(x, "image")
     if method == "diffpure":
         t = pixel_timestep(pixel_model.num_timesteps, t_star)
-        return pixel_diffpure(pixel_model, x, t, generator=generator, callback=host_callback(t, node_id))
+        return pixel_diffpure(pixel_model, x, t, size=size or None, generator=generator,
+                              callback=host_callback(t, node_id))
     check_window_fits(tuple(x.shape[-2:]), window, "grid_window")
     if stride > window:
         raise ValueError(f"grid_stride: must be <= grid_window ({window}) so the windows cover the image, got {stride}")
@@ -320,6 +325,10 @@ class AntiPurePurify(io.ComfyNode):
                                               "connected, diffpure/gridpure run on it at the image's own "
                                               "resolution (ancestral DDPM with its learned variance) and "
                                               "MODEL/VAE/positive/sampler settings are ignored."),
+                io.Int.Input("pixel_diffpure_size", default=0, min=0, max=4096, step=8, optional=True,
+                             tooltip="diffpure on pixel_model: purify at this square size, resampled there and "
+                                     "back (256 = GrIDPure's DiffPure baseline, the model's training size); "
+                                     "0 = the image's own resolution. " + _IGNORED),
             ],
             outputs=[io.Image.Output(display_name="purified")],
             hidden=[io.Hidden.unique_id],
@@ -330,7 +339,7 @@ class AntiPurePurify(io.ComfyNode):
                 grid_iterations, grid_gamma, grid_t_star, noise_sigma, upscale_scale, jpeg_quality, blur_sigma,
                 resize_scale, impress_iterations, impress_lr, impress_similarity, impress_weight,
                 model=None, vae=None, positive=None, negative=None, upscale_model=None, grid_rounds=1,
-                pixel_model=None) -> io.NodeOutput:
+                pixel_model=None, pixel_diffpure_size=0) -> io.NodeOutput:
         on_pixels = pixel_model is not None and method in _SAMPLED
         available = {name for name, v in (("model", model), ("vae", vae)) if v is not None}
         try:
@@ -343,8 +352,8 @@ class AntiPurePurify(io.ComfyNode):
         node_id = cls.hidden.unique_id if cls.hidden is not None else None
 
         if on_pixels:
-            y = pixel_purify(pixel_model, x, method, t_star, grid_t_star, grid_window, grid_stride, grid_iterations,
-                             grid_gamma, grid_rounds, generator, node_id)
+            y = pixel_purify(pixel_model, x, method, t_star, pixel_diffpure_size, grid_t_star, grid_window,
+                             grid_stride, grid_iterations, grid_gamma, grid_rounds, generator, node_id)
         elif method in _SAMPLED:
             if positive is None:
                 raise ValueError(f"positive: purifier {method!r} samples with the model and needs a prompt "

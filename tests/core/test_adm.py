@@ -139,8 +139,13 @@ def test_load_from_files(tmp_path, suffix):
     x, t = torch.randn(1, 3, 16, 16), torch.tensor([10])
     with torch.no_grad():
         assert torch.allclose(m.predict_noise(x, t), unet(x, t)[:, :3], atol=1e-6)
-    m16 = load_pixel_diffusion(path, num_head_channels=32, dtype=torch.float16)
-    assert m16.unet.out[2].weight.dtype == torch.float16 and m16.alphas_cumprod.dtype == torch.float32
+    for dtype, tol in ((torch.float16, 0.02), (torch.bfloat16, 0.1)):  # half-precision weights, float32 in and out
+        mh = load_pixel_diffusion(path, num_head_channels=32, dtype=dtype)
+        assert mh.unet.out[2].weight.dtype == dtype and mh.alphas_cumprod.dtype == torch.float32
+        with torch.no_grad():
+            eps = mh.predict_noise(x, t)
+            assert eps.dtype == torch.float32
+            assert (eps - unet(x, t)[:, :3]).abs().max() < tol * unet(x, t)[:, :3].abs().max()
 
 
 class Evil:

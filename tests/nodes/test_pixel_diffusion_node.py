@@ -39,7 +39,8 @@ def loader(g, name="tiny_adm.safetensors", **kw):
 
 
 def purify(g, image, pixel, **params):
-    node = g.node("AntiPurePurify", image=image, pixel_model=pixel, **{**PURIFY_DEFAULTS, "grid_rounds": 1, **params})
+    node = g.node("AntiPurePurify", image=image, pixel_model=pixel,
+                  **{**PURIFY_DEFAULTS, "grid_rounds": 1, "pixel_diffpure_size": 0, **params})
     g.node("SaveImage", images=node.out(0), filename_prefix=f"pixel_{params.get('method', 'diffpure')}")
     return node
 
@@ -66,6 +67,7 @@ def test_loader_lists_the_folder_and_gives_the_core_model(host, pixel_files):
 
 @pytest.mark.parametrize("method,params,progress_total", [
     ("diffpure", dict(t_star=0.004), 4),                                                  # t* = 4 DDPM steps
+    ("diffpure", dict(t_star=0.002, pixel_diffpure_size=16), 2),                        # at 16 x 16 and back
     ("gridpure", dict(grid_window=16, grid_stride=8, grid_iterations=1, grid_rounds=2, grid_t_star=0.002),
      2 * 1 * (3 * 4 + 1) * 2),                                                            # rounds x windows x t*
 ])
