@@ -136,9 +136,10 @@ def test_load_from_files(tmp_path, suffix):
     save_file(sd, str(path)) if suffix == ".safetensors" else torch.save(sd, path)
     m = load_pixel_diffusion(path, num_head_channels=32)
     assert m.unet.config == TINY
+    assert all(torch.equal(v, m.unet.state_dict()[k]) for k, v in sd.items())  # key for key, unchanged
     x, t = torch.randn(1, 3, 16, 16), torch.tensor([10])
-    with torch.no_grad():
-        assert torch.allclose(m.predict_noise(x, t), unet(x, t)[:, :3], atol=1e-6)
+    with torch.no_grad():  # kernels may differ with the tensors' memory layout: float32 rounding only
+        assert torch.allclose(m.predict_noise(x, t), unet(x, t)[:, :3], atol=1e-5)
     for dtype, tol in ((torch.float16, 0.02), (torch.bfloat16, 0.1)):  # half-precision weights, float32 in and out
         mh = load_pixel_diffusion(path, num_head_channels=32, dtype=dtype)
         assert mh.unet.out[2].weight.dtype == dtype and mh.alphas_cumprod.dtype == torch.float32
