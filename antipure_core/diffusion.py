@@ -5,21 +5,26 @@ import torch
 from torch import Tensor
 
 
-def _abar(model, t: Tensor, like: Tensor) -> Tensor:
+def gather(table: Tensor, t: Tensor, like: Tensor) -> Tensor:
+    """``table[t]`` for integer timesteps ``t (B,)``, float32, shaped ``(B, 1, ...)`` to broadcast over ``like``."""
+    v = table.to(device=like.device, dtype=torch.float32)[t.to(like.device).long()]
+    return v.view(-1, *([1] * (like.ndim - 1)))
+
+
+def abar_at(model, t: Tensor, like: Tensor) -> Tensor:
     """``abar_t`` gathered for integer timesteps ``t`` and shaped to broadcast over ``like``."""
-    ab = model.alphas_cumprod.to(device=like.device, dtype=torch.float32)[t.to(like.device).long()]
-    return ab.view(-1, *([1] * (like.ndim - 1)))
+    return gather(model.alphas_cumprod, t, like)
 
 
 def q_sample(model, z0: Tensor, t: Tensor, noise: Tensor) -> Tensor:
     """Noise clean latents to timestep ``t``: ``sqrt(abar) z0 + sqrt(1 - abar) noise``."""
-    ab = _abar(model, t, z0)
+    ab = abar_at(model, t, z0)
     return ab.sqrt() * z0 + (1 - ab).sqrt() * noise
 
 
 def predict_x0(model, z_t: Tensor, t: Tensor, eps: Tensor) -> Tensor:
     """One-step estimate ``(z_t - sqrt(1 - abar) eps) / sqrt(abar)`` of the clean latent."""
-    ab = _abar(model, t, z_t)
+    ab = abar_at(model, t, z_t)
     return (z_t - (1 - ab).sqrt() * eps) / ab.sqrt()
 
 

@@ -3,14 +3,15 @@
 A method is a function ``loss(ctx, x_adv, z) -> dict`` of per-sample ``(B,)``
 tensors with an ``"objective"`` entry that PGD *maximises*; the other entries
 are the loss terms reported to the callback. ``x_adv`` is the perturbed image
-``(B, 3, H, W)`` and ``z = E(x_adv)`` its latent, both carrying gradient to δ;
-the PGD loop encodes once per step and calls the loss once per EOT sample.
+``(B, 3, H, W)`` and ``z = E(x_adv)`` its image in the model's space (a
+latent, or ``2x − 1`` for a pixel model), both carrying gradient to δ; the
+PGD loop encodes once per step and calls the loss once per EOT sample.
 
 A method whose terms use separate model graphs may also register ``parts``:
 a generator of such dicts whose ``"objective"`` entries add up to the loss's.
 PGD back-propagates each part before the next one is built, so only one
-part's graph is alive at a time (for antipure: the UNet graph at t is freed
-before the purification graph, UNet plus decoder, is built).
+part's graph is alive at a time (for antipure: one UNet graph per purifier
+window).
 """
 from __future__ import annotations
 
@@ -20,10 +21,13 @@ from typing import Any, Callable, Iterator, Optional
 import torch
 from torch import Tensor
 
-from .diffusion import predict_x0, q_sample, randn_like, sample_timesteps, timestep_from_fraction
+from .diffusion import abar_at, predict_x0, q_sample, randn_like, sample_timesteps
 from .frequency import FrequencyGuidance, pfg_loss
 from .patterns import target_pattern
 from .timestep import TimestepGuidance, erroneous_timestep, etg_loss
+from .windows import grid_windows
+
+WINDOW_MODES = ("all", "random")
 
 
 @dataclass
@@ -35,10 +39,16 @@ class AttackContext:
         x: the clean image ``(B, 3, H, W)`` (padded to the model's multiple).
         cond: conditioning, opaque to the core.
         generator: CPU generator for timesteps and noise (determinism).
-        t_lo, t_hi: inclusive timestep range of the base denoising loss.
+        t_lo, t_hi: inclusive timestep range (schedule indices) of the base denoising loss;
+            for antipure ``(0, t^p − 1)``, i.e. the 1-based t ~ U{1, …, t^p}.
         frequency, timestep: guidance configs; ``None`` disables that term.
         options: method-specific settings (``textural_weight``, ``target``).
         cache: per-attack constants a method computes once (target latents).
+        window, stride: antipure on images larger than the purifier's window:
+            the purifier's window layout in pixels (:func:`~antipure_core.windows.grid_windows`,
+            packed corners included); ``None``: the whole image at once.
+        window_mode: ``'all'`` windows every step (one UNet graph each, back-propagated
+            one at a time) or one ``'random'`` window per step.
     """
 
     model: Any
@@ -51,6 +61,9 @@ class AttackContext:
     timestep: Optional[TimestepGuidance] = None
     options: dict = field(default_factory=dict)
     cache: dict = field(default_factory=dict)
+    window: Optional[int] = None
+    stride: Optional[int] = None
+    window_mode: str = "all"
 
 
 @dataclass(frozen=True)
@@ -104,15 +117,6 @@ def _noisy(ctx: AttackContext, z: Tensor, t_lo: int, t_hi: int):
     return t, noise, q_sample(ctx.model, z, t, noise)
 
 
-def simulated_purification(ctx: AttackContext, z: Tensor, t_star: float) -> tuple[Tensor, Tensor, Tensor]:
-    """PFG's simulated purification: noise ``z`` to t_p ~ U[1, t*·T], one-step estimate ẑ0.
-
-    Returns ``(ẑ0, t_p, noise)`` so a caller can put other latents through the same purification.
-    """
-    t_p, noise, z_tp = _noisy(ctx, z, 1, timestep_from_fraction(ctx.model.num_timesteps, t_star))
-    return predict_x0(ctx.model, z_tp, t_p, ctx.model.predict_noise(z_tp, t_p, ctx.cond)), t_p, noise
-
-
 def _target_latent(ctx: AttackContext, kind: str) -> Tensor:
     key = f"target:{kind}"
     if key not in ctx.cache:
@@ -129,38 +133,67 @@ def advdm_loss(ctx: AttackContext, x_adv: Tensor, z: Tensor) -> dict:
     return {"objective": ldm, "ldm": ldm}
 
 
-def antipure_parts(ctx: AttackContext, x_adv: Tensor, z: Tensor) -> Iterator[dict]:
-    """AntiPure's loss in two parts: L_ldm - λ_etg L_etg (one UNet graph at t), then -λ_pfg L_pfg."""
-    model, T = ctx.model, ctx.model.num_timesteps
+def antipure_terms(ctx: AttackContext, z: Tensor) -> dict:
+    """AntiPure's terms (DESIGN §1.1) on ``z``, the purifier-space image (or one window of it).
+
+    ``L = L_ddpm + λ₁·e^{ᾱ_t−1}·L_fre + λ₂·e^{L_err}`` with one ``x_t`` and one
+    noise prediction at ``t`` shared by all three terms: ``L_ddpm = mean((ε_θ(x_t, t) − ε)²)``;
+    ``L_fre`` on the one-step ``x̂₀`` decoded to the image range [−1, 1]
+    (identity for a pixel purifier); ``L_err`` against the prediction at ``t_err > t``.
+    Returns per-sample ``(B,)`` terms ``ldm``, ``pfg``, ``etg`` (the enabled ones) and ``objective``.
+    """
+    model = ctx.model
     t, noise, z_t = _noisy(ctx, z, ctx.t_lo, ctx.t_hi)
     eps = model.predict_noise(z_t, t, ctx.cond)
     ldm = _mse(eps, noise)
     out = {"ldm": ldm}
     objective = ldm
-    etg = ctx.timestep
-    if etg is not None:
-        t_e = erroneous_timestep(t, T, etg.mapping, etg.offset)
-        if etg.mode == "match":  # stop-gradient target: no backward through this forward
-            with torch.no_grad():
-                eps_e = model.predict_noise(z_t.detach(), t_e, ctx.cond)
-        else:
-            eps_e = model.predict_noise(z_t, t_e, ctx.cond)
-        out["etg"] = etg_loss(eps, eps_e, noise, etg.mode)
-        objective = objective - etg.weight * out["etg"]
-    out["objective"] = objective
-    yield out
     pfg = ctx.frequency
     if pfg is not None:
-        z0_hat, _, _ = simulated_purification(ctx, z, pfg.t_star)
-        if pfg.space == "pixel":
-            loss = pfg_loss(model.decode(z0_hat), x_adv, pfg)
+        x0_img = model.decode(predict_x0(model, z_t, t, eps)) * 2 - 1
+        out["pfg"] = pfg_loss(x0_img, pfg)
+        objective = objective + pfg.weight * torch.exp(abar_at(model, t, ldm) - 1) * out["pfg"]
+    etg = ctx.timestep
+    if etg is not None:
+        offset = ctx.t_hi + 1 if etg.offset is None else etg.offset  # default: past t^p, the purifier's range
+        t_err = erroneous_timestep(t, model.num_timesteps, etg.rule, offset, etg.scale)
+        if etg.stop_gradient:
+            with torch.no_grad():
+                eps_err = model.predict_noise(z_t.detach(), t_err, ctx.cond)
         else:
-            loss = pfg_loss(z0_hat, z, pfg)
-        yield {"pfg": loss, "objective": -pfg.weight * loss}
+            eps_err = model.predict_noise(z_t, t_err, ctx.cond)
+        out["etg"] = etg_loss(eps, eps_err)
+        objective = objective + etg.weight * torch.exp(out["etg"])
+    out["objective"] = objective
+    return out
 
 
-@register_method("antipure", "AntiPure: L_ldm - λ_pfg L_pfg - λ_etg L_etg (each guidance optional)",
-                 parts=antipure_parts)
+def attack_tiles(ctx: AttackContext, z: Tensor) -> list[Tensor]:
+    """The windows of ``z`` the attack sees this step: all of the purifier's layout, one random window, or ``[z]``.
+
+    Window sizes are in pixels and divided by the model's down-sampling
+    factor; an image no larger than the window is one tile.
+    """
+    f = int(ctx.model.downsample)
+    h, w = z.shape[-2] * f, z.shape[-1] * f
+    if ctx.window is None or (h <= ctx.window and w <= ctx.window):
+        return [z]
+    stride = ctx.stride or ctx.window // 2
+    tiles = grid_windows(tuple(z.shape[-2:]), ctx.window // f, max(1, stride // f)).crops(z)
+    if ctx.window_mode == "random":
+        return [tiles[int(torch.randint(len(tiles), (1,), generator=ctx.generator))]]
+    return tiles
+
+
+def antipure_parts(ctx: AttackContext, x_adv: Tensor, z: Tensor) -> Iterator[dict]:
+    """AntiPure's loss, one part per window (each the mean's share), so one UNet graph is alive at a time."""
+    tiles = attack_tiles(ctx, z)
+    for tile in tiles:
+        yield {k: v / len(tiles) for k, v in antipure_terms(ctx, tile).items()}
+
+
+@register_method("antipure", "AntiPure (§1.1): L_ddpm + λ₁ e^{ᾱ_t−1} L_fre + λ₂ e^{L_err} on the purifier, "
+                             "t ~ U{1..t^p} (each guidance optional)", parts=antipure_parts)
 def antipure_loss(ctx: AttackContext, x_adv: Tensor, z: Tensor) -> dict:
     return _sum_parts(antipure_parts(ctx, x_adv, z))
 

@@ -10,41 +10,65 @@ from torch import Tensor
 from .callbacks import Callback, report
 from .frequency import FrequencyGuidance
 from .image import check_budget, check_image, crop_to, pad_to_multiple, project_linf, quantize_within_budget
-from .methods import AttackContext, Method, get_method, loss_parts
+from .methods import WINDOW_MODES, AttackContext, Method, get_method, loss_parts
 from .model import check_model
 from .timestep import TimestepGuidance
 
 DEFAULT_FREQUENCY = FrequencyGuidance()
 DEFAULT_TIMESTEP = TimestepGuidance()
+#: AntiPure's default t^p: GrIDPure's t* (10 of 1000 steps, DESIGN §1.3)
+DEFAULT_T_PURIFY = 10
 
 
-def _pad_multiple(model, frequency: Optional[FrequencyGuidance]) -> int:
-    f = int(model.downsample)
-    if frequency is None:
-        return f
-    if frequency.space == "latent":
-        return f * frequency.patch_size
-    return f * frequency.patch_size // math.gcd(f, frequency.patch_size)
+def _pad_multiple(model, frequency: Optional[FrequencyGuidance], window: Optional[int]) -> int:
+    """What H and W must be multiples of: the model's down-sampling (and its UNet's own multiple), PFG's patch."""
+    m = int(model.downsample) * int(getattr(model, "size_multiple", 1))
+    if frequency is not None:
+        m = math.lcm(m, frequency.patch_size)
+    if window is not None and window % m:
+        raise ValueError(f"window: {window} px must be a multiple of {m} (the purifier's size multiple and the "
+                         f"PFG patch); pick e.g. {max(m, window // m * m)}")
+    return m
 
 
-def _context(model, x, cond, generator, t_range, frequency, timestep, options) -> AttackContext:
+def _context(model, x, cond, generator, method, t_range, t_purify, frequency, timestep, options,
+             window=None, stride=None, window_mode="all") -> AttackContext:
     T = model.num_timesteps
+    if method == "antipure":
+        if t_range is not None:
+            raise ValueError("t_range: antipure draws t ~ U{1..t^p}; pass t_purify (t^p) instead")
+        t_p = DEFAULT_T_PURIFY if t_purify is None else t_purify
+        if not isinstance(t_p, int) or not 1 <= t_p <= T - 1:
+            raise ValueError(f"t_purify: t^p must be an integer in [1, {T - 1}] (the purifier's t*, "
+                             f"10 for GrIDPure), got {t_p!r}")
+        t_range = (0, t_p - 1)  # 1-based t in [1, t^p] is schedule index t - 1
+    elif t_purify is not None:
+        raise ValueError(f"t_purify: only antipure uses t^p; {method} takes t_range")
     t_lo, t_hi = (0, T - 1) if t_range is None else t_range
     if not 0 <= t_lo <= t_hi <= T - 1:
         raise ValueError(f"t_range: need 0 <= t_lo <= t_hi <= {T - 1}, got ({t_lo}, {t_hi})")
-    return AttackContext(model, x, cond, generator, int(t_lo), int(t_hi), frequency, timestep, dict(options or {}))
+    if window is not None and (not isinstance(window, int) or window < 1):
+        raise ValueError(f"window: must be an integer >= 1 (pixels) or None, got {window!r}")
+    if stride is not None and (window is None or not isinstance(stride, int) or not 1 <= stride <= window):
+        raise ValueError(f"stride: must be an integer in [1, window] with a window set, got {stride!r}")
+    if window_mode not in WINDOW_MODES:
+        raise ValueError(f"window_mode: expected one of {WINDOW_MODES}, got {window_mode!r}")
+    return AttackContext(model, x, cond, generator, int(t_lo), int(t_hi), frequency, timestep, dict(options or {}),
+                         window=window, stride=stride, window_mode=window_mode)
 
 
 def protect(model, x: Tensor, cond: Any, method: str = "antipure", eta: float = 8 / 255, alpha: float = 1 / 255,
             steps: int = 100, seed: int = 0, random_start: bool = False, eot_samples: int = 1,
             frequency: Optional[FrequencyGuidance] = DEFAULT_FREQUENCY,
             timestep: Optional[TimestepGuidance] = DEFAULT_TIMESTEP,
-            t_range: Optional[tuple[int, int]] = None, options: Optional[dict] = None,
-            quantize: bool = True, callback: Callback = None) -> Tensor:
+            t_range: Optional[tuple[int, int]] = None, t_purify: Optional[int] = None,
+            window: Optional[int] = None, stride: Optional[int] = None, window_mode: str = "all",
+            options: Optional[dict] = None, quantize: bool = True, callback: Callback = None) -> Tensor:
     """Protect images with an L∞-bounded perturbation found by signed-gradient PGD.
 
     Args:
-        model: a :class:`~antipure_core.model.DiffusionModel`.
+        model: a :class:`~antipure_core.model.DiffusionModel`: the purifier to attack (a pixel
+            model, ``downsample = 1``, or a latent model through its VAE).
         x: clean images ``(B, 3, H, W)`` in [0, 1]; any H, W (padded to the
             model's multiple internally, cropped back).
         cond: conditioning for the noise predictor (e.g. "a photo of sks person").
@@ -58,7 +82,14 @@ def protect(model, x: Tensor, cond: Any, method: str = "antipure", eta: float = 
             over transformation); one encode per step is shared by them.
         frequency, timestep: PFG and ETG settings for ``method='antipure'``;
             ``None`` disables the term (an ablation).
-        t_range: inclusive timestep range of the base loss; default the whole schedule.
+        t_range: inclusive timestep range (schedule indices) of the baselines' loss; default the
+            whole schedule. Not for antipure, which uses ``t_purify``.
+        t_purify: antipure's t^p, the purifier's t* in steps: t ~ U{1, …, t^p}, i.e. schedule
+            indices ``0 … t^p − 1`` (default 10, GrIDPure's preset).
+        window, stride, window_mode: antipure on images larger than the purifier's window
+            (pixels; stride default ``window // 2``): ``'all'`` of GrIDPure's windows every
+            step, or one ``'random'`` window per step (our default: ``'all'``). ``None``:
+            the whole image at once.
         options: method-specific settings, e.g. ``{"textural_weight": 1.0,
             "target": "texture"}`` for mist, ``{"target": "gray"}`` for photoguard.
         quantize: round to 8-bit levels while keeping ``|q - x|_inf <= eta`` exactly.
@@ -90,8 +121,9 @@ def protect(model, x: Tensor, cond: Any, method: str = "antipure", eta: float = 
 
     if method != "antipure":
         frequency = timestep = None
-    xp, size = pad_to_multiple(x0, _pad_multiple(model, frequency))
-    ctx = _context(model, xp, cond, generator, t_range, frequency, timestep, options)
+    xp, size = pad_to_multiple(x0, _pad_multiple(model, frequency, window))
+    ctx = _context(model, xp, cond, generator, method, t_range, t_purify, frequency, timestep, options,
+                   window, stride, window_mode)
     delta = torch.zeros_like(xp)
     if random_start:
         delta = (torch.rand(xp.shape, generator=generator) * 2 - 1).to(xp.device) * eta
@@ -141,7 +173,9 @@ def _step_gradient(method: Method, ctx: AttackContext, x_adv: Tensor, eot_sample
 def evaluate_objective(model, x_adv: Tensor, x: Tensor, cond: Any, method: str = "antipure", seed: int = 0,
                        samples: int = 8, frequency: Optional[FrequencyGuidance] = DEFAULT_FREQUENCY,
                        timestep: Optional[TimestepGuidance] = DEFAULT_TIMESTEP,
-                       t_range: Optional[tuple[int, int]] = None, options: Optional[dict] = None) -> dict[str, float]:
+                       t_range: Optional[tuple[int, int]] = None, t_purify: Optional[int] = None,
+                       window: Optional[int] = None, stride: Optional[int] = None, window_mode: str = "all",
+                       options: Optional[dict] = None) -> dict[str, float]:
     """Mean of each loss term of ``method`` at ``x_adv`` over ``samples`` fixed (seeded) noise draws.
 
     With the same ``seed`` the draws are identical across calls, so objective
@@ -154,10 +188,11 @@ def evaluate_objective(model, x_adv: Tensor, x: Tensor, cond: Any, method: str =
         frequency = timestep = None
     x0 = x.detach().to(model.device, torch.float32)
     xa = x_adv.detach().to(model.device, torch.float32)
-    mult = _pad_multiple(model, frequency)
+    mult = _pad_multiple(model, frequency, window)
     xp, _ = pad_to_multiple(x0, mult)
     xap, _ = pad_to_multiple(xa, mult)
-    ctx = _context(model, xp, cond, torch.Generator().manual_seed(int(seed)), t_range, frequency, timestep, options)
+    ctx = _context(model, xp, cond, torch.Generator().manual_seed(int(seed)), method, t_range, t_purify, frequency,
+                   timestep, options, window, stride, window_mode)
     z = model.encode(xap)
     sums: dict[str, float] = {}
     for _ in range(samples):

@@ -27,6 +27,7 @@ from .image import check_image, crop_to, pad_to_multiple
 from .model import check_model
 from .purify_filters import (check_int, check_number, gaussian_blur, gaussian_noise, jpeg, noisy_upscale,
                              resize_down_up)
+from .windows import grid_windows, window_boxes
 
 __all__ = ["diffpure", "purification_timestep", "noise_latent", "ddim_timesteps", "ddim_denoise", "gridpure",
            "window_boxes", "impress", "jpeg", "gaussian_blur", "resize_down_up", "gaussian_noise",
@@ -121,22 +122,6 @@ def diffpure(model, x: Tensor, cond: Any, t_star: float = 0.1, steps: int = 20,
 
 # --- GrIDPure ---------------------------------------------------------------------------------------------------
 
-def _starts(n: int, w: int, stride: int) -> list[int]:
-    s = list(range(0, n - w + 1, stride))
-    return s if s[-1] == n - w else s + [n - w]  # a last window flush with the border, as in the reference
-
-
-def window_boxes(size: tuple[int, int], window: int, stride: int) -> list[tuple[int, int, int, int]]:
-    """Overlapping windows ``(top, left, height, width)`` covering an image of ``size = (H, W)``.
-
-    Windows are ``min(window, H) x min(window, W)`` at multiples of ``stride``,
-    plus one flush with the bottom/right border.
-    """
-    h, w = size
-    wh, ww = min(window, h), min(window, w)
-    return [(y, x, wh, ww) for y in _starts(h, wh, stride) for x in _starts(w, ww, stride)]
-
-
 def _purify_tile(purify_window: Callable[[Tensor], Tensor], tile: Tensor) -> Tensor:
     out = purify_window(tile)
     if not isinstance(out, Tensor) or out.shape != tile.shape:
@@ -179,30 +164,17 @@ def gridpure(x: Tensor, purify_window: Callable[[Tensor], Tensor], window: int =
         raise ValueError(f"stride: must be <= window ({window}) so the windows cover the image, got {stride}")
     check_int(iterations, "iterations", 1)
     check_number(gamma, "gamma", lo=0, hi=1)
-    h, w = x.shape[-2:]
-    boxes = window_boxes((h, w), window, stride)
-    ch, cw = min(window, h) // 2, min(window, w) // 2  # corner quarter-windows; disjoint since 2 ch <= H
-    corners = [(0, 0), (0, w - cw), (h - ch, 0), (h - ch, w - cw)] if pack_corners and ch and cw else []
-    total = iterations * (len(boxes) + bool(corners))
+    layout = grid_windows(tuple(x.shape[-2:]), window, stride, pack_corners)
+    total = iterations * layout.count
     cur, k = x, 0
     with torch.no_grad():
         for it in range(iterations):
-            acc = torch.zeros_like(cur)
-            cnt = torch.zeros((1, 1, h, w), dtype=cur.dtype, device=cur.device)
-            for j, (y0, x0, bh, bw) in enumerate(boxes):
-                acc[..., y0:y0 + bh, x0:x0 + bw] += _purify_tile(purify_window, cur[..., y0:y0 + bh, x0:x0 + bw])
-                cnt[..., y0:y0 + bh, x0:x0 + bw] += 1
+            out = []
+            for j, tile in enumerate(layout.crops(cur)):
+                out.append(_purify_tile(purify_window, tile))
                 report(callback, i=k, total=total, iteration=it, window=j)
                 k += 1
-            if corners:
-                q = [cur[..., y0:y0 + ch, x0:x0 + cw] for y0, x0 in corners]
-                packed = _purify_tile(purify_window, torch.cat([torch.cat(q[:2], -1), torch.cat(q[2:], -1)], -2))
-                for (y0, x0), (py, px) in zip(corners, [(0, 0), (0, cw), (ch, 0), (ch, cw)]):
-                    acc[..., y0:y0 + ch, x0:x0 + cw] += packed[..., py:py + ch, px:px + cw]
-                    cnt[..., y0:y0 + ch, x0:x0 + cw] += 1
-                report(callback, i=k, total=total, iteration=it, window=len(boxes))
-                k += 1
-            cur = ((1 - gamma) * acc / cnt + gamma * cur).clamp(0, 1)
+            cur = ((1 - gamma) * layout.merge(out) + gamma * cur).clamp(0, 1)
     return cur
 
 

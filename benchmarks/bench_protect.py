@@ -1,16 +1,23 @@
 """Benchmark: one Protect step per method against the bare model work it needs (DESIGN §3).
 
-Builds the full-size SD1.5 UNet and VAE with ComfyUI's own classes and random
-weights (timing does not depend on weight values), loads them through the
-host's checkpoint loader (``comfy.sd.load_state_dict_guess_config``) and
-times, per method and batch size:
+Purifier ``sd15`` (default): builds the full-size SD1.5 UNet and VAE with
+ComfyUI's own classes and random weights (timing does not depend on weight
+values), loads them through the host's checkpoint loader
+(``comfy.sd.load_state_dict_guess_config``). Purifier ``adm``: the full-size
+guided-diffusion ADM-256 that GrIDPure uses, built from its key list
+(:mod:`benchmarks.adm256`), attacked by antipure through the Protect node's
+pixel bridge, with GrIDPure's 256-px windows on larger images. Times, per
+method and batch size:
 
 (a) *bare*: exactly the module calls one step of that method makes, straight
-    on ``diffusion_model`` and ``first_stage_model`` with frozen weights and no
-    core logic: encoder fwd+bwd; UNet fwd+bwd; ETG's extra UNet forward; PFG's
-    UNet fwd+bwd and decoder fwd+bwd; SDS's UNet forward only;
+    on the modules with frozen weights and no core logic. SD1.5: encoder
+    fwd+bwd; UNet fwd+bwd; antipure: one UNet fwd+bwd at t whose x̂₀ goes
+    through the decoder fwd+bwd (PFG), plus ETG's UNet forward at t_err;
+    SDS's UNet forward only. ADM: per window, UNet fwd+bwd at t plus the
+    forward at t_err;
 (b) *step*: one PGD step of :func:`antipure_core.protect.protect` on the
-    pack's bridge (``nodes.bridge.session``), the path the Protect node runs.
+    pack's bridge (``nodes.bridge.session`` / ``nodes.pixel_bridge.pixel_session``),
+    the path the Protect node runs.
 
 Both are interleaved: the bare work runs inside protect's per-step callback,
 outside the timed interval, so load from other processes hits both alike.
@@ -30,6 +37,13 @@ On a GPU (the 8 GB fp16 target is the step's "peak" column at 512², batch 1)::
 
     COMFYUI_PATH=/path/to/ComfyUI python benchmarks/bench_protect.py --device cuda --resolution 512 \\
         --dtype fp16 --batches 1,2,4 --repeats 5
+
+AntiPure against the ADM-256 (512²: GrIDPure's ten 256-px windows per step)::
+
+    COMFYUI_PATH=/path/to/ComfyUI python benchmarks/bench_protect.py --purifier adm --resolution 256 \\
+        --batches 1,4 --repeats 1 --threads 1
+    COMFYUI_PATH=/path/to/ComfyUI python benchmarks/bench_protect.py --purifier adm --device cuda \\
+        --resolution 512 --batches 1,4 --repeats 5   # and again with --checkpointing
 """
 from __future__ import annotations
 
@@ -65,6 +79,11 @@ SD15_LAYOUT = {"image_size": 32, "in_channels": 4, "out_channels": 4, "num_res_b
 
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--purifier", choices=("sd15", "adm"), default="sd15",
+                   help="the model attacked: SD1.5 (MODEL + VAE) or the pixel-space ADM-256 (antipure only)")
+    p.add_argument("--window", type=int, default=256, help="ADM: the attack's window in pixels (GrIDPure's 256)")
+    p.add_argument("--window-mode", choices=("all", "random"), default="all",
+                   help="ADM on images larger than the window: every window per step, or one random window")
     p.add_argument("--resolution", type=int, default=256, help="square image side in pixels (multiple of 64)")
     p.add_argument("--dtype", choices=DTYPES, default="fp32", help="UNet and VAE weight dtype")
     p.add_argument("--checkpointing", action="store_true",
@@ -72,17 +91,21 @@ def parse_args(argv=None):
                         "(the Protect node's gradient_checkpointing)")
     p.add_argument("--attention", choices=ATTENTION, default="default", help="the host's attention backend")
     p.add_argument("--device", default="cpu", choices=("cpu", "cuda"))
-    p.add_argument("--methods", default=",".join(METHODS), help="comma-separated subset of " + ", ".join(METHODS))
+    p.add_argument("--methods", default=None,
+                   help="comma-separated subset of " + ", ".join(METHODS) + " (default: all; adm: antipure)")
     p.add_argument("--batches", default="1,2,4", help="comma-separated batch sizes")
     p.add_argument("--repeats", type=int, default=2,
                    help="timed steps per method and batch after the warm-up (median reported); "
                         "0: FLOP and memory census only")
     p.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: torch's default)")
     a = p.parse_args(argv)
-    a.methods = [m.strip() for m in a.methods.split(",") if m.strip()]
+    a.methods = [m.strip() for m in (a.methods or ("antipure" if a.purifier == "adm" else ",".join(METHODS))).split(",")
+                 if m.strip()]
     a.batches = [int(b) for b in a.batches.split(",")]
     if unknown := set(a.methods) - set(METHODS):
         p.error(f"--methods: unknown {sorted(unknown)}; choose from {', '.join(METHODS)}")
+    if a.purifier == "adm" and a.methods != ["antipure"]:
+        p.error("--methods: the ADM purifier is benchmarked for antipure only")
     if a.resolution % 64 or a.resolution <= 0:
         p.error(f"--resolution: must be a positive multiple of 64 (PFG patch grid x VAE factor), got {a.resolution}")
     if a.repeats < 0 or min(a.batches) < 1:
@@ -165,15 +188,17 @@ class Bare:
             z = self.ae.encode((x * 2 - 1).to(self.vae_dtype).requires_grad_(True))
             zd = z.detach()
             t = torch.randint(0, 1000, (len(x),), device=x.device)
-            if method in ("antipure", "advdm", "mist"):
+            if method in ("advdm", "mist"):
                 _backward(self._unet(zd, t, grad=True))
             if method == "sds":
                 self._unet(zd, t, grad=False)
             if method == "antipure":
-                self._unet(zd, 999 - t, grad=False)  # ETG's stop-gradient forward at the wrong timestep
-                # PFG: the purification estimate at t_p is decoded, so the decoder's graph
-                # sits on the UNet's and both are alive in one backward
-                _backward(self.ae.decode(self._unet(zd, t % 300 + 1, grad=True).to(self.vae_dtype)))
+                t = t % 10  # t ~ U{1..t^p}, t^p = 10
+                eps = self._unet(zd, t, grad=True)
+                self._unet(zd, t + 10, grad=False)  # ETG's stop-gradient forward at t_err
+                # PFG: x̂₀ from the same prediction is decoded, so the decoder's graph sits on the
+                # UNet's and both are alive in one backward
+                _backward(self.ae.decode(eps.to(self.vae_dtype)))
             _backward(z)
 
 
@@ -263,7 +288,7 @@ def _malloc(mmap_threshold: int, trim: bool = False) -> None:
         pass
 
 
-def measure(pack, dm, bare: Bare, method: str, x, repeats: int, device: torch.device) -> dict:
+def measure(pack, dm, bare, method: str, x, repeats: int, device: torch.device, cond=None, **protect_kw) -> dict:
     """One protect call of ``repeats + 1`` steps interleaved with the bare work.
 
     Step 0 and the first bare run are warm-ups, taken for the FLOP and memory
@@ -290,7 +315,7 @@ def measure(pack, dm, bare: Bare, method: str, x, repeats: int, device: torch.de
         clock.start()
 
     census.start()
-    protect(dm, x, dm.cond, method=method, steps=repeats + 1, seed=0, callback=callback)
+    protect(dm, x, cond, method=method, steps=repeats + 1, seed=0, callback=callback, **protect_kw)
     step_census, steps = steps[0], steps[1:]
     med = lambda rows, j: statistics.median(r[j] for r in rows) if rows else math.nan  # noqa: E731
     return {"bare": [med(bares, j) for j in range(3)], "step": [med(steps, j) for j in range(3)],
@@ -308,14 +333,75 @@ def machine(device: torch.device) -> str:
     return s + (f", {torch.cuda.get_device_name(device)}" if device.type == "cuda" else "")
 
 
+def report_rows(a, run, device: torch.device) -> None:
+    """Measure every method x batch with ``run(method, x) -> measure(...)`` and print the table rows."""
+    cuda = device.type == "cuda"
+    scale_by = "wall" if cuda else "user CPU"
+    print("| method | batch | bare s | step s | step/bare wall | step/bare user CPU | GFLOP bare / step | "
+          f"peak GiB bare / step | above start GiB bare / step | step / first batch ({scale_by}) |")
+    print("|---|---|---|---|---|---|---|---|---|---|", flush=True)
+    g = torch.Generator().manual_seed(1)
+    for method in a.methods:
+        first = None
+        for b in a.batches:
+            x = torch.rand(b, 3, a.resolution, a.resolution, generator=g).to(device)
+            r = run(method, x)
+            (bw, bu, _), (sw, su, _) = r["bare"], r["step"]
+            bc, sc = r["bare_census"], r["step_census"]
+            key = sw if cuda else su  # user CPU time: robust to other jobs on a shared CPU
+            first = first or (b, key)
+            scale = f"{key / first[1]:.2f} (batch x{b / first[0]:g})" if b != first[0] else "1.00"
+            cpu = "–" if cuda else f"{su / bu:.3f}"  # a GPU run's CPU time is mostly waiting
+            print(f"| {method} | {b} | {bw:.2f} | {sw:.2f} | {sw / bw:.3f} | {cpu} | "
+                  f"{bc['gflop']:.0f} / {sc['gflop']:.0f} | {bc['peak']:.2f} / {sc['peak']:.2f} | "
+                  f"{bc['extra']:.2f} / {sc['extra']:.2f} | {scale} |", flush=True)
+
+
+def _held(cuda: bool) -> str:
+    held = torch.cuda.memory_allocated() / 2 ** 30 if cuda else _proc_gib("RssAnon")
+    return f"{'allocated' if cuda else 'anonymous RSS'} in the session before the first step: {held:.2f} GiB\n"
+
+
+def main_adm(a, pack, device: torch.device) -> None:
+    """AntiPure against the full-size ADM-256 through the Protect node's pixel bridge."""
+    from benchmarks.adm256 import BareADM, build_adm256
+    windows = importlib.import_module(f"{pack.__name__}.antipure_core.windows")
+    pixel_session = importlib.import_module(f"{pack.__name__}.nodes.pixel_bridge").pixel_session
+    t0 = time.perf_counter()
+    with torch.inference_mode():  # as the loader node builds it
+        purifier = build_adm256(pack, DTYPES[a.dtype], device)
+    n = sum(p.numel() for p in purifier.parameters())
+    weights = sum(p.numel() * p.element_size() for p in purifier.parameters()) / 2 ** 30
+    print(f"# full-size guided-diffusion ADM-256 ({n:,} parameters), random weights ({weights:.2f} GiB), built "
+          f"from the released key list in {time.perf_counter() - t0:.0f} s")
+    print(f"# {machine(device)}; {time.strftime('%Y-%m-%d')}")
+    tiles = windows.grid_windows((a.resolution, a.resolution), a.window, a.window // 2)
+    count = 1 if a.resolution <= a.window or a.window_mode == "random" else tiles.count
+    print(f"# resolution {a.resolution} ({count} window(s) of {min(a.window, a.resolution)} px per step, "
+          f"window mode {a.window_mode}), dtype "
+          f"{a.dtype}, t^p 10, checkpointing {a.checkpointing}, timed repeats {a.repeats}")
+
+    def windows_of(z):
+        if a.resolution <= a.window:
+            return [z]
+        crops = tiles.crops(z)
+        return crops[:1] if a.window_mode == "random" else crops  # any one window does the same work
+    with torch.inference_mode(), pixel_session(purifier, a.checkpointing) as dm:
+        print("# " + _held(device.type == "cuda"))
+        bare = BareADM(dm, windows_of)
+        report_rows(a, lambda method, x: measure(pack, dm, bare, method, x, a.repeats, device, t_purify=10,
+                                                 window=a.window, window_mode=a.window_mode), device)
+
+
 def main(argv=None):
     a = parse_args(argv)
     if a.threads:
         torch.set_num_threads(a.threads)
     pack = boot_host(a)
-    bridge = importlib.import_module(f"{pack.__name__}.nodes.bridge")
     device = torch.device(a.device)
-    cuda = device.type == "cuda"
+    if a.purifier == "adm":
+        return main_adm(a, pack, device)
+    bridge = importlib.import_module(f"{pack.__name__}.nodes.bridge")
     t0 = time.perf_counter()
     with torch.inference_mode():  # the host's executor runs loaders and nodes in inference mode
         patcher, vae = load_sd15(DTYPES[a.dtype])
@@ -333,28 +419,10 @@ def main(argv=None):
     checkpointing = importlib.import_module(f"{pack.__name__}.nodes.checkpointing").gradient_checkpointing
     with torch.inference_mode(), checkpointing(patcher, vae, enabled=a.checkpointing), \
             bridge.session(patcher, vae, [[context, {}]]) as dm:
-        held = torch.cuda.memory_allocated() / 2 ** 30 if cuda else _proc_gib("RssAnon")
-        what = "allocated" if cuda else "anonymous RSS"
-        print(f"# {what} in the bridge's session before the first step: {held:.2f} GiB\n")
-        scale_by = "wall" if cuda else "user CPU"
-        print("| method | batch | bare s | step s | step/bare wall | step/bare user CPU | GFLOP bare / step | "
-              f"peak GiB bare / step | above start GiB bare / step | step / first batch ({scale_by}) |")
-        print("|---|---|---|---|---|---|---|---|---|---|", flush=True)
+        print("# " + _held(device.type == "cuda"))
         bare = Bare(patcher, vae, context.to(device))
-        for method in a.methods:
-            first = None
-            for b in a.batches:
-                x = torch.rand(b, 3, a.resolution, a.resolution, generator=g).to(device)
-                r = measure(pack, dm, bare, method, x, a.repeats, device)
-                (bw, bu, _), (sw, su, _) = r["bare"], r["step"]
-                bc, sc = r["bare_census"], r["step_census"]
-                key = sw if cuda else su  # user CPU time: robust to other jobs on a shared CPU
-                first = first or (b, key)
-                scale = f"{key / first[1]:.2f} (batch x{b / first[0]:g})" if b != first[0] else "1.00"
-                cpu = "–" if cuda else f"{su / bu:.3f}"  # a GPU run's CPU time is mostly waiting
-                print(f"| {method} | {b} | {bw:.2f} | {sw:.2f} | {sw / bw:.3f} | {cpu} | "
-                      f"{bc['gflop']:.0f} / {sc['gflop']:.0f} | {bc['peak']:.2f} / {sc['peak']:.2f} | "
-                      f"{bc['extra']:.2f} / {sc['extra']:.2f} | {scale} |", flush=True)
+        report_rows(a, lambda method, x: measure(pack, dm, bare, method, x, a.repeats, device, cond=dm.cond),
+                    device)
 
 
 if __name__ == "__main__":

@@ -5,6 +5,7 @@ from .comfy_host import ComfyExtension, io
 from .customize import AntiPureCustomize
 from .evaluate import AntiPureEvaluate
 from .guidance import AntiPureFrequencyGuidance, AntiPureTimestepGuidance
+from .pixel_diffusion import AntiPureLoadPixelDiffusion
 from .protect import AntiPureProtect
 from .purify import AntiPurePurify
 
@@ -12,6 +13,6 @@ from .purify import AntiPurePurify
 class AntiPureExtension(ComfyExtension):
     async def get_node_list(self) -> list[type[io.ComfyNode]]:
         return [AntiPureProtect, AntiPureFrequencyGuidance, AntiPureTimestepGuidance,
-                AntiPurePurify,
+                AntiPureLoadPixelDiffusion, AntiPurePurify,
                 AntiPureCustomize,
                 AntiPureEvaluate]

@@ -16,33 +16,24 @@ class AntiPureFrequencyGuidance(io.ComfyNode):
             node_id="AntiPureFrequencyGuidance",
             display_name="AntiPure Frequency Guidance (PFG)",
             category="AntiPure",
-            description="Patch-wise Frequency Guidance: keep the perturbation's high-frequency patch structure "
-                        "through a simulated purification. Wire it into AntiPure Protect; disconnect to ablate.",
+            description="Patch-wise Frequency Guidance: push the purifier's one-step estimate x̂₀ toward "
+                        "high-frequency, patch-aligned energy, λ₁·e^{ᾱ_t−1}·σ(mean of the highest DCT quarter "
+                        "of every patch), maximised. Wire it into AntiPure Protect; disconnect to ablate.",
             inputs=[
-                io.Float.Input("weight", default=1.0, min=0.0, max=100.0, step=0.05,
-                               tooltip="λ_pfg: weight of the PFG loss, subtracted from the objective."),
-                io.Int.Input("patch_size", default=8, min=1, max=64,
-                             tooltip="Patch side p in pixels (latent cells in latent space) for the patch DCT."),
-                io.Float.Input("threshold", default=0.0, min=0.0, max=128.0, step=0.5,
-                               tooltip="High-frequency mask u+v ≥ k. 0 means k = p/2."),
-                io.Boolean.Input("soft_mask", default=False,
-                                 tooltip="Weight frequencies with a smooth ramp around k instead of a hard cut."),
-                io.Combo.Input("transform", options=["dct", "fft"], default="dct",
-                               tooltip="Per-patch transform: orthonormal DCT-II or FFT."),
-                io.Combo.Input("space", options=["pixel", "latent"], default="pixel",
-                               tooltip="pixel: decode the purified estimate (exact); "
-                                       "latent: cheap variant that skips the VAE decoder."),
-                io.Float.Input("t_star", default=0.3, min=0.01, max=1.0, step=0.01,
-                               tooltip="Simulated purification strength: t_p ~ U(0, t*·T]. 0.3 = 300 of 1000."),
+                io.Float.Input("weight", default=0.5, min=0.0, max=100.0, step=0.05,
+                               tooltip="λ₁, the weight of L_fre (0.5 in the paper)."),
+                io.Int.Input("patch_size", default=8, min=2, max=64, step=2,
+                             tooltip="DCT patch side s in pixels (even). Not stated in the paper; 8 is our choice."),
+                io.Combo.Input("reduction", options=["signed", "magnitude"], default="signed",
+                               tooltip="signed: sum the highest-quarter coefficients as the published formula "
+                                       "reads (our default); magnitude: sum their absolute values."),
             ],
             outputs=[PFG.Output(display_name="frequency_guidance")],
         )
 
     @classmethod
-    def execute(cls, weight, patch_size, threshold, soft_mask, transform, space, t_star) -> io.NodeOutput:
-        return io.NodeOutput(FrequencyGuidance(weight=weight, patch_size=patch_size,
-                                               threshold=threshold or None, soft_mask=soft_mask,
-                                               transform=transform, space=space, t_star=t_star))
+    def execute(cls, weight, patch_size, reduction) -> io.NodeOutput:
+        return io.NodeOutput(FrequencyGuidance(weight=weight, patch_size=patch_size, reduction=reduction))
 
 
 class AntiPureTimestepGuidance(io.ComfyNode):
@@ -52,22 +43,28 @@ class AntiPureTimestepGuidance(io.ComfyNode):
             node_id="AntiPureTimestepGuidance",
             display_name="AntiPure Timestep Guidance (ETG)",
             category="AntiPure",
-            description="Erroneous Timestep Guidance: make the model at timestep t act as if at a wrong timestep. "
+            description="Erroneous Timestep Guidance: pull the purifier's noise prediction at t toward its "
+                        "prediction at a later t_err, λ₂·e^{−‖ε(x_t, t_err) − ε(x_t, t)‖²}, maximised. "
                         "Wire it into AntiPure Protect; disconnect to ablate.",
             inputs=[
-                io.Float.Input("weight", default=1.0, min=0.0, max=100.0, step=0.05,
-                               tooltip="λ_etg: weight of the ETG loss, subtracted from the objective."),
-                io.Combo.Input("mapping", options=["reverse", "offset"], default="reverse",
-                               tooltip="Wrong timestep: reverse T−1−t, or (t + offset) mod T."),
-                io.Int.Input("offset", default=500, min=1, max=999,
-                             tooltip="Shift in timesteps used by mapping=offset."),
-                io.Combo.Input("mode", options=["match", "error"], default="match",
-                               tooltip="match: pull the prediction at t toward the (stop-gradient) prediction "
-                                       "at the wrong timestep; error: maximise the noise error at it."),
+                io.Float.Input("weight", default=0.5, min=0.0, max=100.0, step=0.05,
+                               tooltip="λ₂, the weight of e^{L_err} (0.5 in the paper)."),
+                io.Combo.Input("rule", options=["offset", "scale"], default="offset",
+                               tooltip="How t_err follows from t (not stated in the paper): offset: t + offset "
+                                       "(our default); scale: the 1-based t times scale."),
+                io.Int.Input("offset", default=0, min=0, max=999,
+                             tooltip="t_err = t + offset for rule=offset; 0 means t^p (Protect's t_purify), "
+                                     "so t_err lies just past the purifier's range."),
+                io.Float.Input("scale", default=2.0, min=1.01, max=100.0, step=0.1,
+                               tooltip="The factor for rule=scale."),
+                io.Boolean.Input("stop_gradient", default=True,
+                                 tooltip="No gradient through the t_err prediction (our default; the paper does "
+                                         "not say): only the prediction at t is pulled."),
             ],
             outputs=[ETG.Output(display_name="timestep_guidance")],
         )
 
     @classmethod
-    def execute(cls, weight, mapping, offset, mode) -> io.NodeOutput:
-        return io.NodeOutput(TimestepGuidance(weight=weight, mapping=mapping, offset=offset, mode=mode))
+    def execute(cls, weight, rule, offset, scale, stop_gradient) -> io.NodeOutput:
+        return io.NodeOutput(TimestepGuidance(weight=weight, rule=rule, offset=offset or None, scale=scale,
+                                              stop_gradient=stop_gradient))

@@ -1,21 +1,43 @@
-"""AntiPureProtect: PGD protection of an IMAGE batch on the user's loaded checkpoint."""
+"""AntiPureProtect: PGD protection of an IMAGE batch against a purifier: a pixel diffusion model or the loaded checkpoint."""
 from __future__ import annotations
+
+import contextlib
 
 import torch
 
 from ..antipure_core.image import check_budget
 from ..antipure_core.methods import METHODS
-from ..antipure_core.protect import protect
+from ..antipure_core.protect import DEFAULT_T_PURIFY, protect
 from . import bridge, checkpointing
 from .comfy_host import io
 from .guidance import ETG, PFG
+from .pixel_bridge import check_pixel_purifier, pixel_session
+from .pixel_diffusion import PIXEL_DIFFUSION
 from .images import to_core, to_host
 from .progress import host_callback, node_id
+
+
+#: the attack's window on a pixel purifier when ``window`` is 0: GrIDPure's (the ADM-256's own size)
+PIXEL_WINDOW = 256
+#: methods whose loss is an attack on a VAE encoder: meaningless on a pixel purifier
+ENCODER_METHODS = ("mist", "photoguard")
 
 
 def delta_visualisation(x_adv: torch.Tensor, x: torch.Tensor, eta: float) -> torch.Tensor:
     """Map δ ∈ [−η, η] to [0, 1] (mid-gray = no change), so the noise is visible at full contrast."""
     return ((x_adv - x) / (2 * eta) + 0.5).clamp(0, 1)
+
+
+@contextlib.contextmanager
+def attacked_model(purifier, model, vae, positive, gradient_checkpointing):
+    """The core model to attack: the pixel purifier if connected, else the MODEL + VAE through the bridge."""
+    if purifier is not None:
+        with pixel_session(purifier, gradient_checkpointing) as dm:
+            yield dm
+        return
+    with bridge.session(model, vae, positive) as dm, \
+            checkpointing.gradient_checkpointing(model, vae, enabled=gradient_checkpointing):
+        yield dm
 
 
 class AntiPureProtect(io.ComfyNode):
@@ -26,16 +48,23 @@ class AntiPureProtect(io.ComfyNode):
             display_name="AntiPure Protect",
             category="AntiPure",
             description="Add an invisible, L∞-bounded protective perturbation that disrupts fine-tuning on the "
-                        "images, built to survive diffusion-based purification (AntiPure) — or a baseline method.",
+                        "images, built to survive diffusion-based purification (AntiPure: it attacks the "
+                        "purifier's own denoiser) — or a baseline method. The purifier is the pixel diffusion "
+                        "model when one is connected (the paper's setting), else the MODEL + VAE.",
             inputs=[
                 io.Image.Input("image", tooltip="Images to protect. Any size; the output keeps it exactly."),
-                io.Model.Input("model", tooltip="The diffusion model to attack (SD1.x, SD2.x or SDXL)."),
-                io.Vae.Input("vae", tooltip="The checkpoint's VAE; gradients flow through its encoder/decoder."),
-                io.Conditioning.Input("positive", tooltip="Instance prompt conditioning, e.g. "
-                                                          "'a photo of sks person' from CLIP Text Encode."),
+                io.Model.Input("model", optional=True,
+                               tooltip="The latent model to attack (SD1.x, SD2.x or SDXL) when no pixel purifier "
+                                       "is connected."),
+                io.Vae.Input("vae", optional=True,
+                             tooltip="The checkpoint's VAE; gradients flow through its encoder/decoder."),
+                io.Conditioning.Input("positive", optional=True,
+                                      tooltip="Instance prompt conditioning for the latent model, e.g. "
+                                              "'a photo of sks person' from CLIP Text Encode."),
                 io.Combo.Input("method", options=list(METHODS), default="antipure",
-                               tooltip="antipure (PFG+ETG, from the guidance inputs), or a baseline: advdm, mist, "
-                                       "photoguard (encoder attack), sds (SDS−), random (uniform noise)."),
+                               tooltip="antipure (L_ddpm + PFG + ETG, from the guidance inputs), or a baseline: "
+                                       "advdm, mist, photoguard (encoder attack), sds (SDS−), random (uniform "
+                                       "noise)."),
                 io.Float.Input("eta", default=8.0, min=0.0, max=255.0, step=0.5,
                                tooltip="L∞ budget η in /255 units (8 = 8/255). Every pixel stays within η."),
                 io.Int.Input("steps", default=100, min=0, max=10000,
@@ -56,6 +85,21 @@ class AntiPureProtect(io.ComfyNode):
                           tooltip="PFG settings for method=antipure. Disconnected = PFG off (ablation)."),
                 ETG.Input("timestep_guidance", optional=True,
                           tooltip="ETG settings for method=antipure. Disconnected = ETG off (ablation)."),
+                PIXEL_DIFFUSION.Input("purifier", optional=True,
+                            tooltip="A pixel-space diffusion model (AntiPure Load Pixel Diffusion, e.g. the "
+                                    "guided-diffusion ADM that GrIDPure uses) to attack, white-box as in the paper. "
+                                    "Connected, it is the purifier and model/vae/positive are not used; empty: the "
+                                    "MODEL + VAE are the purifier."),
+                io.Int.Input("t_purify", default=DEFAULT_T_PURIFY, min=1, max=999, optional=True,
+                             tooltip="t^p for antipure: the purifier's t* in steps of 1000; t ~ U{1..t^p}. "
+                                     "10 = GrIDPure's preset; use the t* your purifier runs with."),
+                io.Int.Input("window", default=0, min=0, max=4096, step=8, optional=True,
+                             tooltip="antipure on images larger than the purifier's window: GrIDPure's window "
+                                     "layout in pixels (stride window/2, packed corners). 0 = auto: 256 for a "
+                                     "pixel purifier, the whole image for the MODEL + VAE."),
+                io.Combo.Input("window_mode", options=["all", "random"], default="all", optional=True,
+                               tooltip="all: every window each step (our default; one UNet pass each); random: "
+                                       "one random window per step (cheaper, noisier)."),
             ],
             outputs=[io.Image.Output(display_name="protected"),
                      io.Image.Output(display_name="delta", tooltip="δ amplified to full contrast, gray = 0.")],
@@ -63,8 +107,10 @@ class AntiPureProtect(io.ComfyNode):
         )
 
     @classmethod
-    def execute(cls, image, model, vae, positive, method, eta, steps, alpha, seed, random_start, eot_samples,
-                gradient_checkpointing=False, frequency_guidance=None, timestep_guidance=None) -> io.NodeOutput:
+    def execute(cls, image, model=None, vae=None, positive=None, method="antipure", eta=8.0, steps=100, alpha=1.0,
+                seed=0, random_start=False, eot_samples=1, gradient_checkpointing=False, frequency_guidance=None,
+                timestep_guidance=None, purifier=None, t_purify=DEFAULT_T_PURIFY, window=0,
+                window_mode="all") -> io.NodeOutput:
         x, alpha_ch = to_core(image)
         eta_px, alpha_px = eta / 255.0, alpha / 255.0
         if not 0 < eta <= 255:
@@ -72,13 +118,23 @@ class AntiPureProtect(io.ComfyNode):
         if not alpha > 0:
             raise ValueError(f"alpha: the PGD step must be > 0 (/255 units, e.g. 1), got {alpha}")
         check_budget(eta_px, alpha_px, steps)
+        if purifier is not None:
+            check_pixel_purifier(purifier)
+            if method in ENCODER_METHODS:
+                raise ValueError(f"method: {method} attacks a VAE encoder, which a pixel purifier does not have; "
+                                 "pick antipure, advdm or sds, or disconnect the purifier to attack MODEL + VAE")
+        elif model is None or vae is None or positive is None:
+            raise ValueError("model: connect a MODEL, VAE and positive CONDITIONING (the latent purifier), or a "
+                             "pixel purifier from AntiPure Load Pixel Diffusion")
         if steps == 0:
             return io.NodeOutput(image.clone(), to_host(torch.full_like(x, 0.5), alpha_ch))
+        antipure = method == "antipure"
+        kw = dict(t_purify=t_purify, window=(window or (PIXEL_WINDOW if purifier is not None else None)),
+                  window_mode=window_mode) if antipure else {}
         callback = host_callback(steps, node_id(cls))
-        with bridge.session(model, vae, positive) as dm, \
-                checkpointing.gradient_checkpointing(model, vae, enabled=gradient_checkpointing):
-            x_adv = protect(dm, x, dm.cond, method=method, eta=eta_px, alpha=alpha_px, steps=steps, seed=seed,
-                            random_start=random_start, eot_samples=eot_samples,
-                            frequency=frequency_guidance, timestep=timestep_guidance, callback=callback)
+        with attacked_model(purifier, model, vae, positive, gradient_checkpointing) as dm:
+            x_adv = protect(dm, x, getattr(dm, "cond", None), method=method, eta=eta_px, alpha=alpha_px,
+                            steps=steps, seed=seed, random_start=random_start, eot_samples=eot_samples,
+                            frequency=frequency_guidance, timestep=timestep_guidance, callback=callback, **kw)
         x_adv = x_adv.cpu()
         return io.NodeOutput(to_host(x_adv, alpha_ch), to_host(delta_visualisation(x_adv, x, eta_px)))

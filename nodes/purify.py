@@ -28,9 +28,12 @@ from ..antipure_core.callbacks import report
 from ..antipure_core.purify import (PURIFIERS, diffpure, gaussian_blur, gaussian_noise, get_purifier, gridpure,
                                     impress, jpeg, noisy_upscale, purification_timestep, resize_down_up,
                                     window_boxes)
+from ..antipure_core.purify_pixel import check_pixel_image, pixel_diffpure, pixel_gridpure
+from ..antipure_core.windows import check_window_fits
 from . import bridge
 from .comfy_host import ImageUpscaleWithModel, io, model_management, sample, samplers
 from .images import to_core, to_host
+from .pixel_diffusion import PIXEL_DIFFUSION
 from .progress import host_callback
 
 #: schedules are searched up to this many steps (KSampler's own maximum)
@@ -189,6 +192,33 @@ def host_upscaler(upscale_model):
     return upscale
 
 
+# --- DiffPure / GrIDPure on a pixel-space model ----------------------------------------------------------------
+
+def pixel_timestep(num_timesteps: int, fraction: float) -> int:
+    """The node's ``t_star`` fraction as a pixel model's integer t* in ``[1, T]`` (0.01 -> 10, 0.1 -> 100 of 1000)."""
+    return max(1, min(num_timesteps, round(fraction * num_timesteps)))
+
+
+def pixel_purify(pixel_model, x: Tensor, method: str, t_star: float, size: int, grid_t_star: float, window: int,
+                 stride: int, iterations: int, gamma: float, rounds: int, generator: torch.Generator,
+                 node_id=None) -> Tensor:
+    """diffpure/gridpure on a pixel-space model (:mod:`antipure_core.purify_pixel`); the bar moves per DDPM step.
+
+    ``size``: diffpure's square working size (0 = the image's own resolution).
+    """
+    check_pixel_image(x, "image")
+    if method == "diffpure":
+        t = pixel_timestep(pixel_model.num_timesteps, t_star)
+        return pixel_diffpure(pixel_model, x, t, size=size or None, generator=generator,
+                              callback=host_callback(t, node_id))
+    check_window_fits(tuple(x.shape[-2:]), window, "grid_window")
+    if stride > window:
+        raise ValueError(f"grid_stride: must be <= grid_window ({window}) so the windows cover the image, got {stride}")
+    t = pixel_timestep(pixel_model.num_timesteps, grid_t_star)
+    return pixel_gridpure(pixel_model, x, t_star=t, window=window, stride=stride, iterations=iterations, gamma=gamma,
+                          rounds=rounds, generator=generator, callback=host_callback(1, node_id))
+
+
 # --- the node ---------------------------------------------------------------------------------------------------
 
 class AntiPurePurify(io.ComfyNode):
@@ -200,18 +230,20 @@ class AntiPurePurify(io.ComfyNode):
             display_name="AntiPure Purify",
             category="AntiPure",
             description="Try to wash a protective perturbation out of images the way an attacker would: "
-                        "DiffPure/SDEdit or GrIDPure with the loaded model and a host sampler, IMPRESS, noisy "
+                        "DiffPure/SDEdit or GrIDPure with a pixel-space diffusion model (guided-diffusion ADM, as "
+                        "GrIDPure and DiffPure do) or the loaded SD model and a host sampler, IMPRESS, noisy "
                         "upscaling, JPEG, blur, resize or noise. The output keeps the input's exact size.",
             inputs=[
                 io.Image.Input("image", tooltip="Images to purify (e.g. AntiPure Protect's output). "
                                                 "Any size and batch; the output keeps both."),
                 io.Combo.Input("method", options=list(PURIFIERS), default="diffpure",
-                               tooltip=f"{methods}. diffpure/gridpure need MODEL, VAE and positive; impress "
-                                       "needs VAE; the others need no model. Parameters of other methods are "
-                                       "ignored."),
+                               tooltip=f"{methods}. diffpure/gridpure need pixel_model, or MODEL, VAE and "
+                                       "positive; impress needs VAE; the others need no model. Parameters of "
+                                       "other methods are ignored."),
                 io.Model.Input("model", optional=True,
-                               tooltip="Diffusion model for diffpure/gridpure (SD1.x, SD2.x or SDXL). "
-                                       "Not needed by the other methods."),
+                               tooltip="Latent diffusion model for diffpure/gridpure (SD1.x, SD2.x or SDXL), "
+                                       "used when pixel_model is not connected. Not needed by the other "
+                                       "methods."),
                 io.Vae.Input("vae", optional=True,
                              tooltip="The checkpoint's VAE, for diffpure/gridpure/impress."),
                 io.Conditioning.Input("positive", optional=True,
@@ -231,11 +263,13 @@ class AntiPurePurify(io.ComfyNode):
                                tooltip="diffpure: noise level as a fraction of the timesteps (0.1 = timestep "
                                        "100 of 1000, DiffPure's t*). The latent is noised to exactly that "
                                        "level; unlike KSampler's denoise it does not depend on the "
-                                       "scheduler. " + _IGNORED),
+                                       "scheduler. With pixel_model: t* = round(t_star·1000), noised to ᾱ at "
+                                       "index t*−1, t* DDPM steps back. " + _IGNORED),
                 io.Int.Input("steps", default=20, min=1, max=10000,
-                             tooltip="diffpure/gridpure: sampler steps from t* down to 0 (per window for "
-                                     "gridpure); fewer when the scheduler has fewer levels below t* "
-                                     "(simple/ddim_uniform use discrete timesteps). " + _IGNORED),
+                             tooltip="diffpure/gridpure on MODEL: sampler steps from t* down to 0 (per window "
+                                     "for gridpure); fewer when the scheduler has fewer levels below t* "
+                                     "(simple/ddim_uniform use discrete timesteps). With pixel_model: ignored, "
+                                     "t* ancestral DDPM steps as in GrIDPure/DiffPure. " + _IGNORED),
                 io.Combo.Input("sampler_name", options=list(samplers.KSampler.SAMPLERS), default="euler",
                                tooltip="diffpure/gridpure: the host sampler that denoises (as in KSampler). "
                                        + _IGNORED),
@@ -257,7 +291,8 @@ class AntiPurePurify(io.ComfyNode):
                                        "(1 − γ)·purified + γ·input (0.1 in GrIDPure). " + _IGNORED),
                 io.Float.Input("grid_t_star", default=0.01, min=0.001, max=1.0, step=0.005,
                                tooltip="gridpure: the small t* of each window's DiffPure (0.01 = 10 of 1000 "
-                                       "timesteps, GrIDPure's setting). " + _IGNORED),
+                                       "timesteps, GrIDPure's setting: 10 DDPM steps on pixel_model). "
+                                       + _IGNORED),
                 io.Float.Input("noise_sigma", default=0.1, min=0.0, max=1.0, step=0.005,
                                tooltip="noisy_upscale/gaussian_noise: noise std on the [0, 1] pixel scale (0.1 "
                                        "in noisy upscaling; 0.05 is usual for noise alone). " + _IGNORED),
@@ -281,6 +316,19 @@ class AntiPurePurify(io.ComfyNode):
                 io.Float.Input("impress_weight", default=0.1, min=0.0, max=100.0, step=0.01,
                                tooltip="impress: weight of the similarity term against VAE consistency. "
                                        + _IGNORED),
+                io.Int.Input("grid_rounds", default=1, min=1, max=100, optional=True,
+                             tooltip="gridpure: GrIDPure runs one after the other, grid_iterations each "
+                                     "(AntiPure's paper evaluates 2 rounds × 20 iterations). " + _IGNORED),
+                PIXEL_DIFFUSION.Input("pixel_model", optional=True,
+                                      tooltip="A pixel-space diffusion model from AntiPure Load Pixel Diffusion "
+                                              "(guided-diffusion ADM, GrIDPure's and DiffPure's purifier). When "
+                                              "connected, diffpure/gridpure run on it at the image's own "
+                                              "resolution (ancestral DDPM with its learned variance) and "
+                                              "MODEL/VAE/positive/sampler settings are ignored."),
+                io.Int.Input("pixel_diffpure_size", default=0, min=0, max=4096, step=8, optional=True,
+                             tooltip="diffpure on pixel_model: purify at this square size, resampled there and "
+                                     "back (256 = GrIDPure's DiffPure baseline, the model's training size); "
+                                     "0 = the image's own resolution. " + _IGNORED),
             ],
             outputs=[io.Image.Output(display_name="purified")],
             hidden=[io.Hidden.unique_id],
@@ -290,14 +338,23 @@ class AntiPurePurify(io.ComfyNode):
     def execute(cls, image, method, seed, t_star, steps, sampler_name, scheduler, cfg, grid_window, grid_stride,
                 grid_iterations, grid_gamma, grid_t_star, noise_sigma, upscale_scale, jpeg_quality, blur_sigma,
                 resize_scale, impress_iterations, impress_lr, impress_similarity, impress_weight,
-                model=None, vae=None, positive=None, negative=None, upscale_model=None) -> io.NodeOutput:
+                model=None, vae=None, positive=None, negative=None, upscale_model=None, grid_rounds=1,
+                pixel_model=None, pixel_diffpure_size=0) -> io.NodeOutput:
+        on_pixels = pixel_model is not None and method in _SAMPLED
         available = {name for name, v in (("model", model), ("vae", vae)) if v is not None}
-        get_purifier(method, available)
+        try:
+            get_purifier(method, None if on_pixels else available)
+        except ValueError as e:
+            hint = ", or connect pixel_model (AntiPure Load Pixel Diffusion)" if method in _SAMPLED else ""
+            raise ValueError(f"{e}{hint}") from None
         x, alpha = to_core(image)
         generator = torch.Generator().manual_seed(seed)
         node_id = cls.hidden.unique_id if cls.hidden is not None else None
 
-        if method in _SAMPLED:
+        if on_pixels:
+            y = pixel_purify(pixel_model, x, method, t_star, pixel_diffpure_size, grid_t_star, grid_window,
+                             grid_stride, grid_iterations, grid_gamma, grid_rounds, generator, node_id)
+        elif method in _SAMPLED:
             if positive is None:
                 raise ValueError(f"positive: purifier {method!r} samples with the model and needs a prompt "
                                  "CONDITIONING; connect CLIP Text Encode (an empty prompt for unconditional "
@@ -313,12 +370,13 @@ class AntiPurePurify(io.ComfyNode):
             else:
                 purification_timestep(dm, grid_t_star)
                 n_windows = len(window_boxes(tuple(x.shape[-2:]), grid_window, grid_stride)) + 1
+                iterations = grid_iterations * grid_rounds  # rounds continue one another: the same loop
                 # the bar moves per window (gridpure reports its exact total); cancel is checked every sampler step
                 y = gridpure(x, lambda tile: diffpure(dm, tile, positive, t_star=grid_t_star, steps=steps,
                                                       generator=generator, denoise_fn=denoise,
                                                       callback=_check_cancel),
-                             window=grid_window, stride=grid_stride, iterations=grid_iterations, gamma=grid_gamma,
-                             callback=host_callback(grid_iterations * n_windows, node_id))
+                             window=grid_window, stride=grid_stride, iterations=iterations, gamma=grid_gamma,
+                             callback=host_callback(iterations * n_windows, node_id))
         elif method == "impress":
             with vae_session(vae) as ae:
                 # x.clone(): a plain copy, the IMAGE was made under inference mode

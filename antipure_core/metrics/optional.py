@@ -33,6 +33,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from ..weights import load_state_dict
 from .common import ModelNotAvailable, check_same_shape, import_optional, package_dir, to_rgb
 from .faces import detect_faces, identity_scores, reference_embedding
 
@@ -44,15 +45,7 @@ CLIP_FOLDER = "clip"
 
 def load_weights(path: str | os.PathLike) -> dict[str, Tensor]:
     """Tensors of a ``.safetensors`` file or a ``weights_only`` torch checkpoint, on the CPU."""
-    path = Path(path)
-    if path.suffix == ".safetensors":
-        from safetensors.torch import load_file
-
-        return load_file(str(path))
-    sd = torch.load(path, map_location="cpu", weights_only=True)
-    if not isinstance(sd, dict) or not all(isinstance(v, Tensor) for v in sd.values()):
-        raise ValueError(f"{path}: expected a state dict of tensors")
-    return sd
+    return load_state_dict(path, Path(path).name)
 
 
 def _where(weights_dir, name: str) -> str:

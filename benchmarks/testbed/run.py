@@ -88,12 +88,10 @@ class Settings:
     pgd_alpha: float = 1 / 255
     #: PFG patch = the VAE's latent cell (4 px here, as 8 px is SD's)
     pfg_patch: int = 4
-    pfg_space: str = "pixel"
-    pfg_t_star: float = 0.3
-    pfg_weight: float = 1.0
-    etg_weight: float = 1.0
-    etg_mapping: str = "reverse"
-    etg_mode: str = "match"
+    pfg_weight: float = 0.5
+    etg_weight: float = 0.5
+    #: AntiPure's t^p: the testbed GrIDPure's t* (0.02 of 1000 steps)
+    t_purify: int = 20
     diffpure_t_star: float = 0.1
     diffpure_steps: int = 10
     #: GrIDPure scaled to 32 px (reference: 256/128 windows on 512 px, t = 10 of 1000, 20 iterations);
@@ -129,14 +127,10 @@ def protection_kwargs(name: str, s: Settings) -> Optional[dict]:
     spec = PROTECTIONS[name]
     if spec is None:
         return None
-    kw = {"frequency": FrequencyGuidance(weight=s.pfg_weight, patch_size=s.pfg_patch, space=s.pfg_space,
-                                         t_star=s.pfg_t_star),
-          "timestep": TimestepGuidance(weight=s.etg_weight, mapping=s.etg_mapping, mode=s.etg_mode)}
-    # protect() hands the guidance configs only to 'antipure'; study variants registered under
-    # other names read them from the options
-    options = {"frequency": kw["frequency"], "timestep": kw["timestep"], **spec.get("options", {})}
-    kw.update(spec)
-    kw["options"] = options
+    kw = dict(spec)
+    if spec["method"] == "antipure":
+        kw = {"frequency": FrequencyGuidance(weight=s.pfg_weight, patch_size=s.pfg_patch),
+              "timestep": TimestepGuidance(weight=s.etg_weight), "t_purify": s.t_purify, **spec}
     return kw
 
 
@@ -373,7 +367,7 @@ def main(argv=None) -> list[Path]:
     ap.add_argument("--methods", nargs="+", choices=list(PROTECTIONS))
     ap.add_argument("--purifiers", nargs="+", choices=list(PURIFIERS))
     ap.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE",
-                    help="override a Settings field, e.g. pfg_space=latent etg_mapping=offset")
+                    help="override a Settings field, e.g. pfg_weight=1 t_purify=10")
     ap.add_argument("--out", type=Path, help="results folder (default: results/, or cache/quick/ with --quick)")
     ap.add_argument("--tag", default="testbed", help="file name stem of the results")
     ap.add_argument("--threads", type=int, default=1,

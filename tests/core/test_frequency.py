@@ -3,8 +3,8 @@ import math
 import pytest
 import torch
 
-from antipure_core.frequency import (FrequencyGuidance, dct_matrix, high_frequency_mask, patch_dct, patch_fft,
-                                     patch_idct, pfg_loss)
+from antipure_core.frequency import (FrequencyGuidance, dct_matrix, high_frequency_mask, highest_quarter_mean,
+                                     patch_dct, patch_fft, patch_idct, pfg_loss)
 
 
 def direct_dct2(block):
@@ -72,30 +72,38 @@ def test_soft_mask_monotone_and_fft_layout():
     assert f[0, 7] == f[0, 1]  # bin 7 is frequency -1
 
 
-def test_pfg_loss_sees_only_high_frequencies():
-    cfg = FrequencyGuidance()
-    ref = torch.rand(1, 3, 16, 16)
-    low = ref + 0.1  # a DC shift is low frequency
-    checker = ref + 0.05 * (torch.arange(16)[:, None] + torch.arange(16)[None]).remainder(2)
-    assert pfg_loss(low, ref, cfg).item() < 1e-10
-    assert pfg_loss(checker, ref, cfg).item() > 1e-4
+def test_highest_quarter_matches_direct_formula():
+    x = torch.rand(2, 3, 8, 16, dtype=torch.float64) * 2 - 1
+    want = torch.stack([torch.stack([direct_dct2(x[b, c, :, k:k + 8])[4:, 4:].sum() * 4 / 64
+                                     for c in range(3) for k in (0, 8)]).mean() for b in range(2)])
+    assert torch.allclose(highest_quarter_mean(x, 8), want, atol=1e-10)
+    assert torch.allclose(pfg_loss(x.float(), FrequencyGuidance()), torch.sigmoid(want).float(), atol=1e-6)
+
+
+def test_pfg_sees_only_the_highest_quarter():
+    smooth = torch.linspace(-1, 1, 16).repeat(1, 3, 16, 1)  # a ramp: low frequencies only
+    assert highest_quarter_mean(smooth, 8).abs().max() < 1e-2
+    checker = (torch.arange(16)[:, None] + torch.arange(16)[None]).remainder(2).float().expand(1, 3, 16, 16)
+    signed = highest_quarter_mean(checker * 2 - 1, 8)
+    assert signed.abs().item() > 0.05  # the finest checkerboard lives in the bottom-right quarter
+    flipped = highest_quarter_mean(1 - 2 * checker, 8)
+    assert torch.allclose(flipped, -signed)  # signed: phase matters
+    assert torch.allclose(highest_quarter_mean(1 - 2 * checker, 8, "magnitude"),
+                          highest_quarter_mean(checker * 2 - 1, 8, "magnitude"))
 
 
 def test_pfg_gradcheck():
-    cfg = FrequencyGuidance(patch_size=4, soft_mask=True)
     a = torch.rand(1, 1, 8, 8, dtype=torch.float64, requires_grad=True)
-    b = torch.rand(1, 1, 8, 8, dtype=torch.float64)
-    from antipure_core.frequency import high_frequency_distance
-    mask = high_frequency_mask(4, soft=True).double()
-    assert torch.autograd.gradcheck(lambda t: high_frequency_distance(t, b, mask), (a,))
-    assert pfg_loss(a, b, cfg).shape == (1,)
+    assert torch.autograd.gradcheck(lambda t: torch.sigmoid(highest_quarter_mean(t, 4)), (a,))
 
 
-@pytest.mark.parametrize("kwargs,arg", [({"patch_size": 0}, "patch_size"), ({"transform": "wavelet"}, "transform"),
-                                        ({"space": "both"}, "space"), ({"t_star": 0}, "t_star")])
+@pytest.mark.parametrize("kwargs,arg", [({"patch_size": 0}, "patch_size"), ({"patch_size": 5}, "patch_size"),
+                                        ({"reduction": "abs"}, "reduction")])
 def test_bad_guidance_config(kwargs, arg):
     with pytest.raises(ValueError, match=arg):
         FrequencyGuidance(**kwargs)
+    with pytest.raises(ValueError, match=arg):
+        highest_quarter_mean(torch.rand(1, 1, 10, 10), **kwargs)
 
 
 def test_patch_size_must_divide():

@@ -6,38 +6,28 @@ from antipure_core.timestep import TimestepGuidance, erroneous_timestep, etg_los
 from tests.toy import make_toy
 
 
-def test_reverse_mapping_known_values():
-    t = torch.tensor([0, 1, 500, 999])
-    assert erroneous_timestep(t, 1000).tolist() == [999, 998, 499, 0]
+def test_offset_and_scale_rules_known_values():
+    t = torch.tensor([0, 1, 9, 995])
+    assert erroneous_timestep(t, 1000, "offset", 10).tolist() == [10, 11, 19, 999]
+    assert erroneous_timestep(t, 1000, "scale", scale=2.0).tolist() == [1, 3, 19, 999]
+    assert erroneous_timestep(t, 1000, "scale", scale=1.1).tolist() == [1, 2, 10, 999]  # always later than t
 
 
-def test_offset_mapping_wraps():
-    t = torch.tensor([0, 600, 999])
-    assert erroneous_timestep(t, 1000, "offset", 500).tolist() == [500, 100, 499]
+def test_etg_loss_is_minus_mean_square():
+    a = torch.randn(2, 3, 4, 4, requires_grad=True)
+    b = torch.randn(2, 3, 4, 4)
+    loss = etg_loss(a, b)
+    assert loss.shape == (2,) and torch.allclose(loss, -(b - a).square().mean((1, 2, 3)))
+    assert etg_loss(a, a).abs().max() == 0
 
 
-def test_etg_match_gradient_only_through_true_timestep():
-    a = torch.randn(2, 4, 4, 4, requires_grad=True)
-    b = torch.randn(2, 4, 4, 4, requires_grad=True)
-    loss = etg_loss(a, b, torch.randn(2, 4, 4, 4))
-    assert loss.shape == (2,)
-    loss.sum().backward()
-    assert a.grad.abs().sum() > 0 and b.grad is None
-    assert etg_loss(a, a, a).abs().max() == 0
-
-
-def test_etg_error_mode_is_negative_error():
-    noise = torch.randn(1, 4, 2, 2)
-    eps_te = noise + 1.0
-    assert etg_loss(torch.zeros_like(noise), eps_te, noise, "error").item() == pytest.approx(-1.0)
-
-
-@pytest.mark.parametrize("kwargs,arg", [({"mapping": "flip"}, "mapping"), ({"mode": "max"}, "mode")])
+@pytest.mark.parametrize("kwargs,arg", [({"rule": "reverse"}, "rule"), ({"offset": 0}, "offset"),
+                                        ({"rule": "scale", "scale": 1.0}, "scale")])
 def test_bad_timestep_guidance(kwargs, arg):
     with pytest.raises(ValueError, match=arg):
         TimestepGuidance(**kwargs)
-    with pytest.raises(ValueError, match="mapping"):
-        erroneous_timestep(torch.tensor([1]), 1000, "flip")
+    with pytest.raises(ValueError, match=arg):
+        erroneous_timestep(torch.tensor([1]), 1000, **{"rule": "offset", "offset": 10, **kwargs})
 
 
 def test_sample_timesteps_range_and_seed():

@@ -28,18 +28,21 @@ def input_image(tmp_path_factory):
     return make
 
 
+def guidance_inputs(g) -> dict:
+    """Protect's guidance inputs from PFG and ETG nodes at their defaults."""
+    return {"frequency_guidance": g.node("AntiPureFrequencyGuidance", weight=0.5, patch_size=8,
+                                         reduction="signed").out(0),
+            "timestep_guidance": g.node("AntiPureTimestepGuidance", weight=0.5, rule="offset", offset=0,
+                                        scale=2.0, stop_gradient=True).out(0)}
+
+
 def protect_graph(ckpt: str, image: str, method: str = "antipure", steps: int = 2, guidance: bool = True,
                   prefix: str = "protected"):
     g = GraphBuilder(prefix="")
     loader = g.node("CheckpointLoaderSimple", ckpt_name=ckpt)
     text = g.node("CLIPTextEncode", clip=loader.out(1), text="a photo of sks person")
     img = g.node("LoadImage", image=image)
-    extra = {}
-    if guidance:
-        extra["frequency_guidance"] = g.node("AntiPureFrequencyGuidance", weight=1.0, patch_size=8, threshold=0.0,
-                                             soft_mask=False, transform="dct", space="pixel", t_star=0.3).out(0)
-        extra["timestep_guidance"] = g.node("AntiPureTimestepGuidance", weight=1.0, mapping="reverse", offset=500,
-                                            mode="match").out(0)
+    extra = guidance_inputs(g) if guidance else {}
     protect = g.node("AntiPureProtect", image=img.out(0), model=loader.out(0), vae=loader.out(2),
                      positive=text.out(0), method=method, eta=8.0, steps=steps, alpha=2.0, seed=0,
                      random_start=False, eot_samples=1, **extra)
