@@ -21,11 +21,14 @@ WORKFLOW = PACK_ROOT / "example_workflows" / "antipure_stress_test.json"
 SAMPLE = PACK_ROOT / "assets" / "sample_face.png"
 
 #: small settings so the whole graph runs on a CPU in a few minutes
+PIXEL_CHECKPOINT = "demo_adm.safetensors"
 DEMO_SETTINGS = [
     "Checkpoint.ckpt_name=" + CHECKPOINT,
+    "Purifier.ckpt_name=" + PIXEL_CHECKPOINT, "Purifier.num_head_channels=32",
     "Protect.steps=5", "Protect.alpha=2",
     "DiffPure.steps=10",
-    "GrIDPure.grid_window=64", "GrIDPure.grid_stride=32", "GrIDPure.grid_iterations=2",
+    "Protect.window=64",
+    "GrIDPure.grid_window=64", "GrIDPure.grid_stride=32", "GrIDPure.grid_iterations=2", "GrIDPure.grid_rounds=1",
     "Latent.width=64", "Latent.height=64", "Latent.batch_size=2",
     *[f"{p} LoRA.steps=10" for p in ("DiffPure", "GrIDPure", "JPEG")],
     *[f"{p} LoRA.gradient_checkpointing=false" for p in ("DiffPure", "GrIDPure", "JPEG")],
@@ -55,6 +58,12 @@ def main(argv=None) -> int:
 
         print("building the random-weight demo checkpoint (SD1.5 layout; plumbing only) ...")
         save_checkpoint(ckpt, "demo")
+    pixel = out / "models" / "pixel_diffusion" / PIXEL_CHECKPOINT
+    if not pixel.exists():
+        from antipure.random_pixel import save_random_adm
+
+        print("building the random-weight demo pixel purifier (tiny ADM; plumbing only) ...")
+        save_random_adm(pixel)
     images = out / "images"
     images.mkdir(parents=True, exist_ok=True)
     shutil.copy(SAMPLE, images / SAMPLE.name)

@@ -25,15 +25,17 @@ from ui_graph import LANE_COLORS, Graph, N, Stage, to_ui  # noqa: E402
 
 WORKFLOWS_DIR = PACK_ROOT / "example_workflows"
 CHECKPOINT = "v1-5-pruned-emaonly.safetensors"
+PIXEL_CHECKPOINT = "256x256_diffusion_uncond.pt"  # guided-diffusion's ADM, the purifier the paper attacks
 INSTANCE_PROMPT = "a photo of sks person"
 
 MODEL, CLIP, VAE, PROMPT = ("Checkpoint", 0), ("Checkpoint", 1), ("Checkpoint", 2), ("Prompt", 0)
 SD_PURIFIER = {"model": MODEL, "vae": VAE, "positive": PROMPT}  # purify through the loaded SD model
+PIXEL = ("Purifier", 0)  # the pixel-space ADM: Protect attacks it, GrIDPure purifies with it
 
 #: stress-test lanes: (title, AntiPure Purify inputs); a lane's nodes are titled "<title> LoRA", ...
 PURIFIER_LANES = [
-    ("DiffPure", {"method": "diffpure", **SD_PURIFIER}),
-    ("GrIDPure", {"method": "gridpure", **SD_PURIFIER}),
+    ("GrIDPure", {"method": "gridpure", "pixel_model": PIXEL, "grid_rounds": 2}),  # the paper's: 2 x 20 on the ADM
+    ("DiffPure", {"method": "diffpure", **SD_PURIFIER}),  # SDEdit through the SD model the attacker fine-tunes
     ("JPEG", {"method": "jpeg"}),
 ]
 #: baseline-comparison lanes: Protect methods, each purified by DiffPure and scored
@@ -65,16 +67,22 @@ def _inputs() -> list[N]:
     ]
 
 
+def _pixel_purifier() -> N:
+    return N("Purifier", "AntiPureLoadPixelDiffusion", INPUTS, {"ckpt_name": PIXEL_CHECKPOINT})
+
+
 def _guidance() -> list[N]:
     """AntiPure's PFG and ETG settings; disconnect one for an ablation."""
     return [N("PFG", "AntiPureFrequencyGuidance", PROTECT, collapsed=True),
             N("ETG", "AntiPureTimestepGuidance", PROTECT, collapsed=True)]
 
 
-def _protect(key: str, method: str, **layout) -> N:
+def _protect(key: str, method: str, purifier: bool = False, **layout) -> N:
+    """Protect with ``method``; ``purifier``: attack the pixel ADM (the paper's setting) instead of the SD model."""
     guidance = {"frequency_guidance": ("PFG", 0), "timestep_guidance": ("ETG", 0)} if method == "antipure" else {}
-    return N(key, "AntiPureProtect", PROTECT, {"image": ("Images", 0), "model": MODEL, "vae": VAE,
-                                               "positive": PROMPT, "method": method, **guidance}, **layout)
+    target = {"purifier": PIXEL} if purifier else {"model": MODEL, "vae": VAE, "positive": PROMPT}
+    return N(key, "AntiPureProtect", PROTECT, {"image": ("Images", 0), **target, "method": method, **guidance},
+             **layout)
 
 
 def _report(key: str, evaluate: str, **layout) -> N:
@@ -84,10 +92,13 @@ def _report(key: str, evaluate: str, **layout) -> N:
 
 PROTECT_NOTE = """## Protect images
 Adds AntiPure's bounded perturbation to every image so that a model fine-tuned on them
-(DreamBooth/LoRA) learns garbage, even after the attacker purifies them.
+(DreamBooth/LoRA) learns garbage, even after the attacker purifies them. It attacks the
+purifier's own denoiser: the pixel-space ADM in *Purifier* (guided-diffusion's
+256x256_diffusion_uncond.pt in models/pixel_diffusion).
 
-**Change first:** your photos in *Images*, your SD checkpoint (the model the attacker would
-fine-tune), and *eta* (budget, in /255) and *steps* on *Protect*.
+**Change first:** your photos in *Images*, and *eta* (budget, in /255) and *steps* on
+*Protect*. Without the ADM file, delete *Purifier* and connect a checkpoint's MODEL, VAE
+and prompt to *Protect*: the SD model is then the purifier.
 
 PFG and ETG are AntiPure's two guidance terms (click a collapsed node's dot to open it);
 disconnect one to turn it off."""
@@ -95,7 +106,8 @@ disconnect one to turn it off."""
 
 def protect_workflow() -> Graph:
     return Graph(_stages(INPUTS, PROTECT, SAVE), [
-        _note(PROTECT_NOTE), *_inputs(), *_guidance(), _protect("Protect", "antipure"),
+        _note(PROTECT_NOTE), N("Images", "LoadImage", INPUTS, {"image": "example.png"}), _pixel_purifier(),
+        *_guidance(), _protect("Protect", "antipure", purifier=True),
         N("Protected", "SaveImage", SAVE, {"images": ("Protect", 0), "filename_prefix": "antipure/protected"}),
         N("Perturbation", "PreviewImage", SAVE, {"images": ("Protect", 1)}),
     ])
@@ -107,17 +119,18 @@ Protects the images, then plays the attacker: each lane **purifies** the protect
 **scores** the result (reports on the right, files in output/antipure/).
 
 **Change first:** *Images*, *Checkpoint*, the identity token in *Prompt*; then *eta*/*steps*
-on *Protect*.
+on *Protect*. *Protect* attacks the pixel purifier in *Purifier* (guided-diffusion's
+256x256_diffusion_uncond.pt in models/pixel_diffusion), which the GrIDPure lane uses.
 
 Collapsed nodes hold the paper's settings: click a node's dot to open it. *Latent* sets the
 size and number of generated images."""
 
 
 def stress_test_workflow() -> Graph:
-    g = [_note(STRESS_NOTE.format(lanes=", ".join(t for t, _ in PURIFIER_LANES))), *_inputs(),
+    g = [_note(STRESS_NOTE.format(lanes=", ".join(t for t, _ in PURIFIER_LANES))), *_inputs(), _pixel_purifier(),
          N("Negative", "CLIPTextEncode", GENERATE, {"clip": CLIP, "text": ""}, collapsed=True),
          N("Latent", "EmptyLatentImage", GENERATE, {"width": 512, "height": 512, "batch_size": 4}, collapsed=True),
-         *_guidance(), _protect("Protect", "antipure"),
+         *_guidance(), _protect("Protect", "antipure", purifier=True),
          N("Protected", "SaveImage", PROTECT, {"images": ("Protect", 0), "filename_prefix": "antipure/protected"})]
     for lane, (title, purify) in enumerate(PURIFIER_LANES):
         color = LANE_COLORS[lane % len(LANE_COLORS)]

@@ -1,27 +1,11 @@
 """Tiny random-weight ADM UNets (guided-diffusion layout) for core and host tests."""
 from __future__ import annotations
 
-import torch
-
-from antipure_core.adm import ADMConfig, ADMUNet
+from antipure.random_pixel import TINY, random_adm
+from antipure_core.adm import ADMConfig
 from antipure_core.pixel_diffusion import PixelDiffusion
 
-#: two levels, attention (2 heads of 32 channels) at the second, every feature of the 256 px release
-TINY = ADMConfig(model_channels=32, channel_mult=(1, 2), num_res_blocks=1, attention_ds=(2,), num_head_channels=32)
-
-
-def random_adm(config: ADMConfig = TINY, seed: int = 0) -> ADMUNet:
-    """An :class:`ADMUNet` with random weights everywhere (norms near 1), eval mode, gradients off."""
-    g = torch.Generator().manual_seed(seed)
-    unet = ADMUNet(config)
-    with torch.no_grad():
-        for name, p in unet.named_parameters():
-            r = torch.randn(p.shape, generator=g)
-            if p.ndim == 1:
-                p.copy_(1 + 0.1 * r if name.endswith("weight") else 0.1 * r)
-            else:
-                p.copy_(r / p[0].numel() ** 0.5)
-    return unet.eval().requires_grad_(False)
+__all__ = ["TINY", "random_adm", "tiny_pixel_diffusion"]
 
 
 def tiny_pixel_diffusion(config: ADMConfig = TINY, seed: int = 0) -> PixelDiffusion:

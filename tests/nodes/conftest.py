@@ -16,6 +16,7 @@ Fixtures (session-scoped unless noted):
   folder; ``tiny_checkpoint(family)`` builds ``tiny_<family>.safetensors``
   there on first use and returns the name ``CheckpointLoaderSimple`` takes
   (families: ``sd15``, ``sd20v``, ``sdxl``; image sides multiples of 16 px);
+  ``tiny_pixel_checkpoint`` is a tiny random ADM's name for AntiPure Load Pixel Diffusion;
   ``tiny_model(family)`` returns ``(MODEL, CLIP, VAE)`` loaded once by
   ``CheckpointLoaderSimple`` under ``torch.inference_mode()`` as the executor
   runs nodes (shared by all tests: patch a ``model.clone()``, never the
@@ -104,6 +105,17 @@ def tiny_checkpoint(models_dir):
             tiny_checkpoints.build(models_dir, [family])
         return path.name
     return get
+
+
+@pytest.fixture(scope="session")
+def tiny_pixel_checkpoint(host, tmp_path_factory):
+    """Name of a tiny random ADM (.safetensors, 32-channel heads) in a registered ``pixel_diffusion`` folder."""
+    import folder_paths
+    from antipure.random_pixel import save_random_adm
+
+    folder = tmp_path_factory.mktemp("pixel_diffusion")
+    folder_paths.add_model_folder_path("pixel_diffusion", str(folder), is_default=True)
+    return save_random_adm(folder / "tiny_adm.safetensors").name
 
 
 @pytest.fixture(scope="session")

@@ -20,7 +20,7 @@ SAMPLE = PACK_DIR / "assets" / "sample_face.png"
 
 
 @pytest.fixture(scope="module")
-def prompt_for(host, tiny_checkpoint):
+def prompt_for(host, tiny_checkpoint, tiny_pixel_checkpoint):
     import nodes
 
     ckpt = tiny_checkpoint("sd15")
@@ -30,6 +30,8 @@ def prompt_for(host, tiny_checkpoint):
         for node in prompt.values():
             if node["class_type"] == "CheckpointLoaderSimple":
                 node["inputs"]["ckpt_name"] = ckpt
+            if node["class_type"] == "AntiPureLoadPixelDiffusion":
+                node["inputs"].update(ckpt_name=tiny_pixel_checkpoint, num_head_channels=32)
         return apply_sets(prompt, sets, nodes.NODE_CLASS_MAPPINGS)
     return convert
 
@@ -124,7 +126,7 @@ def test_stress_test_runs_end_to_end(host, prompt_for, output_dir, tmp_path):
 
     from antipure.demo import DEMO_SETTINGS
 
-    sets = [s for s in DEMO_SETTINGS if not s.startswith("Checkpoint.")]
+    sets = [s for s in DEMO_SETTINGS if not s.startswith(("Checkpoint.", "Purifier."))]
     sets += ["Protect.steps=2", "Latent.width=32", "Latent.height=32", "Latent.batch_size=1"]
     sets += [f"{p} LoRA.steps=3" for p in ("DiffPure", "GrIDPure", "JPEG")]
     sets += [f"{p} sample.steps=2" for p in ("DiffPure", "GrIDPure", "JPEG")]
