@@ -43,7 +43,8 @@ import torch
 from torch import Tensor
 
 from .callbacks import Callback, report
-from .customize import PREDICTIONS, Images, Prior, _check_params, as_image_batch, customize, encode_images
+from .customize import (PREDICTIONS, Images, Prior, _check_params, _check_prior, as_image_batch, customize,
+                        encode_images)
 from .image import check_budget, check_image, crop_to, pad_to_multiple, project_linf, quantize_within_budget
 from .methods import advdm_loss, get_method, register_method
 from .model import check_features, check_model
@@ -229,6 +230,8 @@ def protect_surrogate(model, x: Tensor, cond: Any, params: Iterable[Tensor], met
         _set_trainable(params, False)
         with torch.no_grad():
             clean = encode_images(model, train)
+            if prior is not None:
+                _check_prior(prior, clean.shape[1])
             if prior is not None and prior.latents is None:
                 prior = Prior(prior.cond, latents=encode_images(model, as_image_batch(prior.images, "prior.images")),
                               weight=prior.weight)
