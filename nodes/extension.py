@@ -7,11 +7,12 @@ from .evaluate import AntiPureEvaluate
 from .guidance import AntiPureFrequencyGuidance, AntiPureTimestepGuidance
 from .protect import AntiPureProtect
 from .purify import AntiPurePurify
+from .surrogate import AntiPureSurrogateSettings
 
 
 class AntiPureExtension(ComfyExtension):
     async def get_node_list(self) -> list[type[io.ComfyNode]]:
-        return [AntiPureProtect, AntiPureFrequencyGuidance, AntiPureTimestepGuidance,
+        return [AntiPureProtect, AntiPureFrequencyGuidance, AntiPureTimestepGuidance, AntiPureSurrogateSettings,
                 AntiPurePurify,
                 AntiPureCustomize,
                 AntiPureEvaluate]

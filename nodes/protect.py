@@ -11,6 +11,7 @@ from .comfy_host import io
 from .guidance import ETG, PFG
 from .images import to_core, to_host
 from .progress import host_callback, node_id
+from .surrogate import SURROGATE, protect_with_surrogate
 
 
 def delta_visualisation(x_adv: torch.Tensor, x: torch.Tensor, eta: float) -> torch.Tensor:
@@ -35,7 +36,8 @@ class AntiPureProtect(io.ComfyNode):
                                                           "'a photo of sks person' from CLIP Text Encode."),
                 io.Combo.Input("method", options=list(METHODS), default="antipure",
                                tooltip="antipure (PFG+ETG, from the guidance inputs), or a baseline: advdm, mist, "
-                                       "photoguard (encoder attack), sds (SDS−), random (uniform noise)."),
+                                       "photoguard (encoder attack), sds (SDS−), random (uniform noise), aspl / fsmg "
+                                       "(Anti-DreamBooth), simac (these three train a surrogate: surrogate_settings)."),
                 io.Float.Input("eta", default=8.0, min=0.0, max=255.0, step=0.5,
                                tooltip="L∞ budget η in /255 units (8 = 8/255). Every pixel stays within η."),
                 io.Int.Input("steps", default=100, min=0, max=10000,
@@ -56,6 +58,11 @@ class AntiPureProtect(io.ComfyNode):
                           tooltip="PFG settings for method=antipure. Disconnected = PFG off (ablation)."),
                 ETG.Input("timestep_guidance", optional=True,
                           tooltip="ETG settings for method=antipure. Disconnected = ETG off (ablation)."),
+                SURROGATE.Input("surrogate_settings", optional=True,
+                                tooltip="Training settings for aspl, fsmg and simac (AntiPure Surrogate Settings). "
+                                        "Disconnected = Anti-DreamBooth's loop with LoRA surrogates. For these "
+                                        "methods steps counts all PGD steps (Anti-DreamBooth: 300 = 50 x 6; its "
+                                        "eta 6.4, alpha 0.64; SimAC's eta 8)."),
             ],
             outputs=[io.Image.Output(display_name="protected"),
                      io.Image.Output(display_name="delta", tooltip="δ amplified to full contrast, gray = 0.")],
@@ -64,7 +71,8 @@ class AntiPureProtect(io.ComfyNode):
 
     @classmethod
     def execute(cls, image, model, vae, positive, method, eta, steps, alpha, seed, random_start, eot_samples,
-                gradient_checkpointing=False, frequency_guidance=None, timestep_guidance=None) -> io.NodeOutput:
+                gradient_checkpointing=False, frequency_guidance=None, timestep_guidance=None,
+                surrogate_settings=None) -> io.NodeOutput:
         x, alpha_ch = to_core(image)
         eta_px, alpha_px = eta / 255.0, alpha / 255.0
         if not 0 < eta <= 255:
@@ -74,6 +82,10 @@ class AntiPureProtect(io.ComfyNode):
         check_budget(eta_px, alpha_px, steps)
         if steps == 0:
             return io.NodeOutput(image.clone(), to_host(torch.full_like(x, 0.5), alpha_ch))
+        if METHODS[method].trains:
+            x_adv = protect_with_surrogate(model, vae, positive, x, method, eta_px, alpha_px, steps, seed, random_start,
+                                           eot_samples, surrogate_settings, gradient_checkpointing, node_id(cls)).cpu()
+            return io.NodeOutput(to_host(x_adv, alpha_ch), to_host(delta_visualisation(x_adv, x, eta_px)))
         callback = host_callback(steps, node_id(cls))
         with bridge.session(model, vae, positive) as dm, \
                 checkpointing.gradient_checkpointing(model, vae, enabled=gradient_checkpointing):

@@ -10,7 +10,7 @@ from antipure_core.customize import Prior, encode_images
 from antipure_core.lora import add_lora, lora_parameters, remove_lora
 from antipure_core.methods import METHODS, AttackContext
 from antipure_core.protect import protect
-from antipure_core.surrogate import SurrogateSettings, plan, protect_surrogate
+from antipure_core.surrogate import SurrogateSettings, generated_prior, plan, protect_surrogate
 from antipure_core.timestep_search import search_timesteps, simac_loss
 from tests.toy import make_toy, smooth_image
 
@@ -259,3 +259,16 @@ def test_bad_inputs(toy):
     plain.predict_noise_features = None
     with pytest.raises(TypeError, match="predict_noise_features"):
         protect_surrogate(plain, x, cond, lora_parameters(plain.unet), "simac", steps=1)
+
+
+def test_generated_prior_trains_with_class_latents(toy):
+    model, cond = toy
+    prior = generated_prior(model, cond * 0.5, 2, (4, 8, 8), steps=3, seed=1)
+    assert prior.latents.shape == (2, 4, 8, 8) and torch.isfinite(prior.latents).all() and prior.images is None
+    again = generated_prior(model, cond * 0.5, 2, (4, 8, 8), steps=3, seed=1)
+    assert torch.equal(prior.latents, again.latents)
+    out = protect_surrogate(model, smooth_image(1, 32, 32), cond, _lora(model), "aspl", eta=EPS8, alpha=2 / 255,
+                            steps=2, settings=FAST, prior=prior)
+    assert out.shape == (1, 3, 32, 32)
+    with pytest.raises(ValueError, match="count"):
+        generated_prior(model, cond, 0, (4, 8, 8))
