@@ -161,6 +161,13 @@ def plan(method: str, steps: int, settings: SurrogateSettings) -> list[tuple[str
     return phases
 
 
+def inner_steps(method: str, steps: int, batch: int, settings: SurrogateSettings) -> int:
+    """Inner steps :func:`protect_surrogate` reports: every training and attack step of :func:`plan`, plus
+    SimAC's search rounds for ``batch`` images (an upper bound: an image's search may stop early)."""
+    search = batch * settings.search_rounds if method == "simac" else 0
+    return search + sum(n for _, _, n in plan(method, steps, settings))
+
+
 def _snapshot(params: list[Tensor]) -> list[Tensor]:
     return [p.detach().clone() for p in params]
 
@@ -239,7 +246,7 @@ def protect_surrogate(model, x: Tensor, cond: Any, params: Iterable[Tensor], met
     ctx = _context(model, xp, cond, generator, t_range, None, None, options)
     phases = plan(method, steps, settings)
     search_total = xp.shape[0] * settings.search_rounds if method == "simac" else 0
-    total = search_total + sum(n for _, _, n in phases)
+    total = inner_steps(method, steps, xp.shape[0], settings)
     done = 0
 
     def step_callback(phase: str, k: int):

@@ -21,7 +21,7 @@ from typing import Any, Optional
 import torch
 
 from ..antipure_core.customize import Prior
-from ..antipure_core.surrogate import SurrogateSettings, generated_prior, plan, protect_surrogate
+from ..antipure_core.surrogate import SurrogateSettings, generated_prior, inner_steps, protect_surrogate
 from . import bridge, checkpointing
 from .comfy_host import io, nodes_train
 from .customize import _image_batch, _prediction, _training_clone
@@ -75,12 +75,6 @@ def attach_full(model):
     return mp, params
 
 
-def progress_total(method: str, steps: int, batch: int, settings: SurrogateSettings) -> int:
-    """Inner steps the core reports: every training and attack step, plus SimAC's search rounds (an upper bound)."""
-    search = batch * settings.search_rounds if method == "simac" else 0
-    return search + sum(n for _, _, n in plan(method, steps, settings))
-
-
 def _prior(cfg: HostSurrogate, dm, x: torch.Tensor, seed: int) -> Optional[Prior]:
     if cfg.class_positive is None:
         return None
@@ -116,7 +110,7 @@ def protect_with_surrogate(model, vae, positive, x: torch.Tensor, method: str, e
     else:
         mp, params = attach_full(model)
     train_mp = _training_clone(mp)
-    callback = host_callback(progress_total(method, steps, x.shape[0], settings), node_id)
+    callback = host_callback(inner_steps(method, steps, x.shape[0], settings), node_id)
     with bridge.session(train_mp, vae, positive) as dm, \
             checkpointing.gradient_checkpointing(train_mp, vae, enabled=gradient_checkpointing):
         prior = _prior(cfg, dm, x, seed)
