@@ -186,7 +186,8 @@ def _check_prior(prior: Prior, channels: int) -> None:
 
 def customize(model, images: Images, cond: Any, params: Iterable[Tensor], steps: int = 400, lr: float = 1e-4,
               batch_size: int = 1, grad_accum: int = 1, prediction: str = "eps", prior: Optional[Prior] = None,
-              weight_decay: float = 1e-2, generator: Seed = None, callback: Callback = None) -> list[float]:
+              weight_decay: float = 1e-2, generator: Seed = None, callback: Callback = None,
+              latents: Optional[Tensor] = None, max_grad_norm: Optional[float] = None) -> list[float]:
     """Fine-tune ``params`` so that ``model`` denoises ``images`` under ``cond`` (DreamBooth / LoRA).
 
     Each of the ``steps`` optimiser steps averages ``grad_accum`` micro-batches
@@ -212,6 +213,10 @@ def customize(model, images: Images, cond: Any, params: Iterable[Tensor], steps:
             deterministic per seed on the CPU. ``None`` uses the global RNG.
         callback: called after every step with ``i`` (0-based), ``total``, ``loss``,
             ``loss_instance``, ``loss_prior`` (0.0 without prior). Raising from it cancels.
+        latents: scaled latents ``(B, c, h, w)`` already encoded by the caller, used instead of
+            encoding ``images`` (then pass ``images=None``); for loops that train repeatedly on one set.
+        max_grad_norm: clip the gradient's global norm to this value before each step (DreamBooth and
+            Anti-DreamBooth: 1.0); ``None`` does not clip.
 
     Returns:
         The loss of every step (instance + weight * prior, averaged over the micro-batches).
@@ -222,7 +227,9 @@ def customize(model, images: Images, cond: Any, params: Iterable[Tensor], steps:
         ``params`` are restored to their values at entry and nothing is returned.
     """
     check_model(model)
-    x = as_image_batch(images, "images")
+    if (images is None) == (latents is None):
+        raise ValueError("images: give exactly one of images (to encode) or latents (already encoded)")
+    x = as_image_batch(images, "images") if latents is None else None
     params = _check_params(params)
     _check_positive_int(steps, "steps", "DreamBooth-LoRA uses 400-1000")
     if not isinstance(lr, (int, float)) or not math.isfinite(lr) or lr <= 0:
@@ -233,10 +240,19 @@ def customize(model, images: Images, cond: Any, params: Iterable[Tensor], steps:
         raise ValueError(f"prediction: expected one of {PREDICTIONS}, got {prediction!r}")
     if not isinstance(weight_decay, (int, float)) or not math.isfinite(weight_decay) or weight_decay < 0:
         raise ValueError(f"weight_decay: must be finite and >= 0, got {weight_decay!r}")
+    if max_grad_norm is not None and (isinstance(max_grad_norm, bool) or not isinstance(max_grad_norm, (int, float))
+                                      or not math.isfinite(max_grad_norm) or max_grad_norm <= 0):
+        raise ValueError(f"max_grad_norm: must be finite and > 0, or None for no clipping, got {max_grad_norm!r}")
     use_prior = prior is not None
     g, g_prior = _generators(generator, use_prior)
 
-    latents = encode_images(model, x)
+    if latents is None:
+        latents = encode_images(model, x)
+    elif not isinstance(latents, Tensor) or latents.ndim != 4 or latents.shape[0] == 0:
+        raise ValueError(f"latents: expected a non-empty (B, c, h, w) tensor, got "
+                         f"{tuple(latents.shape) if isinstance(latents, Tensor) else type(latents).__name__}")
+    else:
+        latents = latents.detach().to(model.device, torch.float32)
     if use_prior:
         _check_prior(prior, latents.shape[1])
         if prior.latents is not None:
@@ -269,6 +285,8 @@ def customize(model, images: Images, cond: Any, params: Iterable[Tensor], steps:
                 if not math.isfinite(total):
                     raise FloatingPointError(f"customize: the loss became {total} at step {i}; lower lr "
                                              "or check images and cond")
+                if max_grad_norm is not None:
+                    torch.nn.utils.clip_grad_norm_(params, max_grad_norm)
                 opt.step()
                 losses.append(total)
                 report(callback, i=i, total=steps, loss=total, loss_instance=inst, loss_prior=pri)

@@ -72,15 +72,17 @@ class Method:
     loss: Optional[Callable[[AttackContext, Tensor, Tensor], dict]]
     description: str
     parts: Optional[Callable[[AttackContext, Tensor, Tensor], Iterator[dict]]] = None
+    #: fine-tunes a copy of the model between attack steps: run by :func:`antipure_core.surrogate.protect_surrogate`
+    trains: bool = False
 
 
 METHODS: dict[str, Method] = {}
 
 
-def register_method(name: str, description: str, parts=None):
+def register_method(name: str, description: str, parts=None, trains: bool = False):
     """Decorator registering ``loss`` (and optionally its ``parts``) under ``name``; a new attack is one function."""
     def wrap(fn):
-        METHODS[name] = Method(name, fn, description, parts)
+        METHODS[name] = Method(name, fn, description, parts, trains)
         return fn
     return wrap
 

@@ -73,3 +73,17 @@ class ScheduledModule(nn.Module):
     @property
     def device(self) -> torch.device:
         return self.alphas_cumprod.device
+
+
+def check_features(model: Any) -> None:
+    """Raise ``TypeError`` unless ``model`` has the optional feature capability.
+
+    A model may implement ``predict_noise_features(z_t, t, cond) -> (eps_hat, features)``:
+    the same ``eps_hat`` as :meth:`DiffusionModel.predict_noise` and a non-empty list of
+    ``(B, C_k, h_k, w_k)`` tensors, the outputs of the residual branches (the second
+    convolution, before the skip is added) of the ResBlocks in the noise predictor's last
+    up-block, all differentiable. SimAC's feature-interference term uses them.
+    """
+    if not callable(getattr(model, "predict_noise_features", None)):
+        raise TypeError(f"model: {type(model).__name__} has no predict_noise_features (last up-block ResBlock "
+                        "features), which the feature term needs; set its weight to 0")

@@ -106,8 +106,11 @@ def protect(model, x: Tensor, cond: Any, method: str = "antipure", eta: float = 
     check_image(x, "image")
     check_budget(eta, alpha, steps)
     m = get_method(method)
-    if not isinstance(eot_samples, int) or eot_samples < 1:
-        raise ValueError(f"eot_samples: must be an integer >= 1, got {eot_samples}")
+    if m.trains:
+        raise ValueError(f"method: {method!r} fine-tunes a surrogate model between attack steps; call "
+                         "antipure_core.surrogate.protect_surrogate with the trainable parameters (the Protect "
+                         "node does this)")
+    check_eot(eot_samples)
     if steps == 0:
         return x.clone()
 
@@ -130,17 +133,32 @@ def protect(model, x: Tensor, cond: Any, method: str = "antipure", eta: float = 
     x_adv = project_linf(xp + delta, xp, eta)
 
     for i in range(steps):
-        x_adv.requires_grad_(True)
-        with torch.enable_grad():
-            terms = _step_gradient(m, ctx, x_adv, eot_samples)
-        with torch.no_grad():
-            x_adv = project_linf(x_adv + alpha * x_adv.grad.sign(), xp, eta)
+        x_adv, terms = pgd_step(m, ctx, x_adv, xp, eta, alpha, eot_samples)
         report(callback, i=i, total=steps, x_adv=crop_to(x_adv, size), **terms)
 
     out = crop_to(x_adv.detach(), size)
     if quantize:
         out = quantize_within_budget(out, x0, eta)
     return out.to(x.device, x.dtype)
+
+
+def check_eot(eot_samples) -> None:
+    if isinstance(eot_samples, bool) or not isinstance(eot_samples, int) or eot_samples < 1:
+        raise ValueError(f"eot_samples: must be an integer >= 1, got {eot_samples}")
+
+
+def pgd_step(method: Method, ctx: AttackContext, x_adv: Tensor, x: Tensor, eta: float, alpha: float,
+             eot_samples: int = 1) -> tuple[Tensor, dict[str, float]]:
+    """One signed-gradient ascent step of ``method``'s objective, projected to ``|x_adv - x|_inf <= eta`` and [0, 1].
+
+    ``x_adv``, ``x``: ``(B, 3, H, W)`` padded images in [0, 1]; ``eta``, ``alpha`` in pixel scale.
+    Returns the new (detached) ``x_adv`` and the mean of each loss term.
+    """
+    x_adv = x_adv.detach().requires_grad_(True)
+    with torch.enable_grad():
+        terms = _step_gradient(method, ctx, x_adv, eot_samples)
+    with torch.no_grad():
+        return project_linf(x_adv + alpha * x_adv.grad.sign(), x, eta), terms
 
 
 def _step_gradient(method: Method, ctx: AttackContext, x_adv: Tensor, eot_samples: int) -> dict[str, float]:
@@ -200,3 +218,7 @@ def evaluate_objective(model, x_adv: Tensor, x: Tensor, cond: Any, method: str =
             sums[k] = sums.get(k, 0.0) + float(v.mean()) / samples
     return sums
 
+
+
+# the surrogate-training methods (aspl, fsmg, simac) register themselves; they need pgd_step above
+from . import surrogate  # noqa: E402,F401

@@ -32,7 +32,7 @@ import torch
 from torch import Tensor
 
 from .comfy_host import latent_formats, model_base, model_management, model_patcher, model_sampling
-from .comfy_host import sampler_helpers, samplers
+from .comfy_host import openaimodel, sampler_helpers, samplers
 
 SUPPORTED = "SD1.x, SD2.x and SDXL"
 _LATENT_FORMATS = (latent_formats.SD15, latent_formats.SDXL)
@@ -69,6 +69,16 @@ def check_supported(model: Any) -> None:
     if why is not None:
         raise ValueError(f"model: AntiPure supports {SUPPORTED} models (ε or v prediction); "
                          f"this {family} model cannot work: {why}. Load an SD1.x, SD2.x or SDXL checkpoint.")
+
+
+def last_up_block_resblocks(unet) -> list[torch.nn.Module]:
+    """The ``out_layers`` of the ResBlocks in the last up-block of the host's UNet (``openaimodel.UNetModel``):
+    the final ``num_res_blocks[0] + 1`` output blocks, which work at the input resolution."""
+    blocks = unet.output_blocks[-(unet.num_res_blocks[0] + 1):]
+    found = [m.out_layers for b in blocks for m in b if isinstance(m, openaimodel.ResBlock)]
+    if not found:
+        raise ValueError(f"model: no ResBlock in the last up-block of this {type(unet).__name__}")
+    return found
 
 
 def check_vae(vae: Any) -> None:
@@ -225,6 +235,24 @@ class HostDiffusionModel:
         s = sigma.view(-1, 1, 1, 1)
         x = _plain(z_t).to(self.device, torch.float32) * (1.0 + s ** 2).sqrt()  # z_t / sqrt(abar)
         return (x - self.denoise(x, sigma, cond)) / s
+
+    def predict_noise_features(self, z_t: Tensor, t: Tensor, cond=None) -> tuple[Tensor, list[Tensor]]:
+        """:meth:`predict_noise` and the residual-branch outputs ``out_layers`` (norm, SiLU, dropout, conv2)
+        of the ResBlocks in the UNet's last up-block, the highest-resolution output level, with gradient.
+
+        Read by forward hooks that exist only during this call. When the host splits the batch into
+        several model calls, each ResBlock's pieces are joined back along the batch.
+        """
+        modules = last_up_block_resblocks(self.model.model.diffusion_model)
+        seen: list[Tensor] = []
+        hooks = [m.register_forward_hook(lambda mod, args, out: seen.append(out)) for m in modules]
+        try:
+            eps = self.predict_noise(z_t, t, cond)
+        finally:
+            for h in hooks:
+                h.remove()
+        n = len(modules)
+        return eps, [torch.cat(seen[k::n]).float() for k in range(n)]
 
     def _conds(self, cond, shape) -> list[dict]:
         """CONDITIONING prepared by the host for latents of ``shape`` (cached per object and size)."""

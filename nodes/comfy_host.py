@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import comfy.latent_formats as latent_formats
 import comfy.ldm.modules.diffusionmodules.model as vae_modules
+import comfy.ldm.modules.diffusionmodules.openaimodel as openaimodel
 import comfy.model_base as model_base
 import comfy.model_management as model_management
 import comfy.model_patcher as model_patcher
@@ -28,3 +29,4 @@ __all__ = [
 ]
 __all__ += ["weight_adapter", "nodes_train"]
 __all__ += ["sample", "ImageUpscaleWithModel", "vae_modules"]
+__all__ += ["openaimodel"]

@@ -8,11 +8,12 @@ from .guidance import AntiPureFrequencyGuidance, AntiPureTimestepGuidance
 from .pixel_diffusion import AntiPureLoadPixelDiffusion
 from .protect import AntiPureProtect
 from .purify import AntiPurePurify
+from .surrogate import AntiPureSurrogateSettings
 
 
 class AntiPureExtension(ComfyExtension):
     async def get_node_list(self) -> list[type[io.ComfyNode]]:
-        return [AntiPureProtect, AntiPureFrequencyGuidance, AntiPureTimestepGuidance,
+        return [AntiPureProtect, AntiPureFrequencyGuidance, AntiPureTimestepGuidance, AntiPureSurrogateSettings,
                 AntiPureLoadPixelDiffusion, AntiPurePurify,
                 AntiPureCustomize,
                 AntiPureEvaluate]

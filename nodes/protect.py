@@ -15,6 +15,7 @@ from .pixel_bridge import check_pixel_purifier, pixel_session
 from .pixel_diffusion import PIXEL_DIFFUSION
 from .images import to_core, to_host
 from .progress import host_callback, node_id
+from .surrogate import SURROGATE, protect_with_surrogate
 
 
 #: the attack's window on a pixel purifier when ``window`` is 0: GrIDPure's (the ADM-256's own size)
@@ -64,7 +65,8 @@ class AntiPureProtect(io.ComfyNode):
                 io.Combo.Input("method", options=list(METHODS), default="antipure",
                                tooltip="antipure (L_ddpm + PFG + ETG, from the guidance inputs), or a baseline: "
                                        "advdm, mist, photoguard (encoder attack), sds (SDS−), random (uniform "
-                                       "noise)."),
+                                       "noise), aspl / fsmg (Anti-DreamBooth), simac (these three fine-tune a "
+                                       "surrogate of the MODEL: surrogate_settings)."),
                 io.Float.Input("eta", default=8.0, min=0.0, max=255.0, step=0.5,
                                tooltip="L∞ budget η in /255 units (8 = 8/255). Every pixel stays within η."),
                 io.Int.Input("steps", default=100, min=0, max=10000,
@@ -100,6 +102,11 @@ class AntiPureProtect(io.ComfyNode):
                 io.Combo.Input("window_mode", options=["all", "random"], default="all", optional=True,
                                tooltip="all: every window each step (our default; one UNet pass each); random: "
                                        "one random window per step (cheaper, noisier)."),
+                SURROGATE.Input("surrogate_settings", optional=True,
+                                tooltip="Training settings for aspl, fsmg and simac (AntiPure Surrogate Settings). "
+                                        "Disconnected = Anti-DreamBooth's loop with LoRA surrogates. For these "
+                                        "methods steps counts all PGD steps (Anti-DreamBooth: 300 = 50 x 6; its "
+                                        "eta 6.4, alpha 0.64; SimAC's eta 8)."),
             ],
             outputs=[io.Image.Output(display_name="protected"),
                      io.Image.Output(display_name="delta", tooltip="δ amplified to full contrast, gray = 0.")],
@@ -110,7 +117,7 @@ class AntiPureProtect(io.ComfyNode):
     def execute(cls, image, model=None, vae=None, positive=None, method="antipure", eta=8.0, steps=100, alpha=1.0,
                 seed=0, random_start=False, eot_samples=1, gradient_checkpointing=False, frequency_guidance=None,
                 timestep_guidance=None, purifier=None, t_purify=DEFAULT_T_PURIFY, window=0,
-                window_mode="all") -> io.NodeOutput:
+                window_mode="all", surrogate_settings=None) -> io.NodeOutput:
         x, alpha_ch = to_core(image)
         eta_px, alpha_px = eta / 255.0, alpha / 255.0
         if not 0 < eta <= 255:
@@ -120,6 +127,9 @@ class AntiPureProtect(io.ComfyNode):
         check_budget(eta_px, alpha_px, steps)
         if purifier is not None:
             check_pixel_purifier(purifier)
+            if METHODS[method].trains:
+                raise ValueError(f"method: {method} fine-tunes a surrogate of the latent MODEL, not a pixel purifier; "
+                                 "disconnect the purifier and connect MODEL, VAE and positive")
             if method in ENCODER_METHODS:
                 raise ValueError(f"method: {method} attacks a VAE encoder, which a pixel purifier does not have; "
                                  "pick antipure, advdm or sds, or disconnect the purifier to attack MODEL + VAE")
@@ -128,6 +138,10 @@ class AntiPureProtect(io.ComfyNode):
                              "pixel purifier from AntiPure Load Pixel Diffusion")
         if steps == 0:
             return io.NodeOutput(image.clone(), to_host(torch.full_like(x, 0.5), alpha_ch))
+        if METHODS[method].trains:
+            x_adv = protect_with_surrogate(model, vae, positive, x, method, eta_px, alpha_px, steps, seed, random_start,
+                                           eot_samples, surrogate_settings, gradient_checkpointing, node_id(cls)).cpu()
+            return io.NodeOutput(to_host(x_adv, alpha_ch), to_host(delta_visualisation(x_adv, x, eta_px)))
         antipure = method == "antipure"
         kw = dict(t_purify=t_purify, window=(window or (PIXEL_WINDOW if purifier is not None else None)),
                   window_mode=window_mode) if antipure else {}

@@ -44,13 +44,15 @@ class ToyUNet(nn.Module):
         self.up = nn.ConvTranspose2d(ch, ch, 4, 2, 1)
         self.out = nn.Conv2d(2 * ch, z_ch, 3, 1, 1)
 
-    def forward(self, z, t, cond):
+    def forward(self, z, t, cond, features: list | None = None):
         emb = self.time(timestep_embedding(t, self.ch)) + self.cond(cond).expand(z.shape[0], -1)
         h0 = F.silu(self.inp(z) + emb[:, :, None, None])
         h = F.silu(self.down(h0))
         h = F.silu(self.mid(h) + emb[:, :, None, None])
-        h = F.silu(self.up(h))[..., : h0.shape[-2], : h0.shape[-1]]
-        return self.out(torch.cat([h, h0], 1))
+        h = self.up(h)[..., : h0.shape[-2], : h0.shape[-1]]
+        if features is not None:  # the "last up-block" output, for predict_noise_features
+            features.append(h)
+        return self.out(torch.cat([F.silu(h), h0], 1))
 
 
 class ToyLDM(ScheduledModule):
@@ -71,6 +73,10 @@ class ToyLDM(ScheduledModule):
 
     def predict_noise(self, z_t, t, cond):
         return self.unet(z_t, t.to(z_t.device), cond)
+
+    def predict_noise_features(self, z_t, t, cond):
+        features = []
+        return self.unet(z_t, t.to(z_t.device), cond, features), features
 
 
 def make_toy(seed: int = 0, cond_dim: int = 16) -> tuple[ToyLDM, torch.Tensor]:
