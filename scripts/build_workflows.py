@@ -39,7 +39,7 @@ PURIFIER_LANES = [
     ("JPEG", {"method": "jpeg"}),
 ]
 #: baseline-comparison lanes: Protect methods, each purified by DiffPure and scored
-BASELINES = ["antipure", "advdm", "mist", "photoguard", "sds", "random"]
+BASELINES = ["antipure", "aspl", "simac", "fsmg", "advdm", "mist", "photoguard", "sds", "random"]
 METHOD_TITLES = {"antipure": "AntiPure", "advdm": "AdvDM", "mist": "Mist", "photoguard": "PhotoGuard",
                  "sds": "SDS", "random": "Random", "aspl": "ASPL", "fsmg": "FSMG", "simac": "SimAC"}
 
@@ -159,7 +159,9 @@ def stress_test_workflow() -> Graph:
 
 COMPARISON_NOTE = """## Protection methods compared
 Each lane protects the same images with one method at the same budget, purifies them with
-DiffPure and scores what survives (reports on the right; the plot collects every method).
+GrIDPure (2 x 20 on the pixel ADM in *Purifier*, as in AntiPure's paper) and scores what
+survives (reports on the right; the plot collects every method). AntiPure attacks that
+purifier; ASPL, SimAC and FSMG fine-tune surrogates of *Checkpoint*; the others attack it.
 
 **Change first:** *Images*, *Checkpoint*; *eta* (budget, /255) and *steps* (PGD
 steps) set the same budget for every method.
@@ -169,20 +171,19 @@ Collapsed nodes hold each method's settings: click a node's dot to open it."""
 
 def baseline_comparison_workflow() -> Graph:
     checkpoint, prompt, images = _inputs()
-    g = [_note(COMPARISON_NOTE), checkpoint, prompt,
+    g = [_note(COMPARISON_NOTE), checkpoint, prompt, _pixel_purifier(),
          N("eta", "PrimitiveNode", INPUTS, {"value": 8.0}, height=82),
          N("steps", "PrimitiveNode", INPUTS, {"value": 100}, height=82), images, *_guidance()]
     for lane, method in enumerate(BASELINES):
         title = METHOD_TITLES.get(method, method)
         color = LANE_COLORS[lane % len(LANE_COLORS)]
         at = {"lane": lane, "collapsed": True, "color": color}
-        protect = _protect(title, method, **at)
+        protect = _protect(title, method, purifier=method == "antipure", **at)
         protect.inputs.update(eta=("eta", 0), steps=("steps", 0))
         g += [
             protect,
             N(f"{title} purified", "AntiPurePurify", PURIFY,
-              {"image": (title, 0), "method": "diffpure", "model": MODEL, "vae": VAE,
-               "positive": PROMPT}, **at),
+              {"image": (title, 0), "method": "gridpure", "pixel_model": PIXEL, "grid_rounds": 2}, **at),
             N(f"{title} scores", "AntiPureEvaluate", EVALUATE,
               {"clean": ("Images", 0), "protected": (title, 0), "purified": (f"{title} purified", 0),
                "label": method, "filename_prefix": "antipure/baseline_comparison", "faces": False}, **at),
