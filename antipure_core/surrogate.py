@@ -243,7 +243,7 @@ def protect_surrogate(model, x: Tensor, cond: Any, params: Iterable[Tensor], met
     x0 = x.detach().to(model.device, torch.float32)
     xp, size = pad_to_multiple(x0, model.downsample)
     options = {"feature_weight": settings.feature_weight}
-    ctx = _context(model, xp, cond, generator, t_range, None, None, options)
+    ctx = _context(model, xp, cond, generator, method, t_range, None, None, None, options)
     phases = plan(method, steps, settings)
     search_total = xp.shape[0] * settings.search_rounds if method == "simac" else 0
     total = inner_steps(method, steps, xp.shape[0], settings)
