@@ -43,6 +43,7 @@ class ADMConfig:
         resblock_updown: residual blocks for up/down-sampling (else a strided / nearest+conv layer).
         in_channels: image channels.
         out_channels: ``in_channels`` (ε only) or ``2 * in_channels`` (ε and the learned variance).
+        norm_groups: group-norm groups (guided-diffusion: 32); fewer lets a small model use fewer channels.
     """
 
     model_channels: int = 256
@@ -55,6 +56,7 @@ class ADMConfig:
     resblock_updown: bool = True
     in_channels: int = 3
     out_channels: int = 6
+    norm_groups: int = NORM_GROUPS
 
     @property
     def learn_sigma(self) -> bool:
@@ -77,10 +79,10 @@ ADM_256_UNCOND = ADMConfig()
 # --- blocks -----------------------------------------------------------------------------------------------------
 
 class GroupNorm32(nn.GroupNorm):
-    """Group norm over 32 groups, computed in float32 whatever the weights' dtype."""
+    """Group norm (32 groups unless told), computed in float32 whatever the weights' dtype."""
 
-    def __init__(self, channels: int):
-        super().__init__(NORM_GROUPS, channels)
+    def __init__(self, channels: int, groups: int = NORM_GROUPS):
+        super().__init__(groups, channels)
 
     def forward(self, x: Tensor) -> Tensor:
         return F.group_norm(x.float(), self.num_groups, self.weight.float(), self.bias.float(), self.eps).to(x.dtype)
@@ -99,13 +101,14 @@ class ResBlock(nn.Module):
     """Norm-SiLU-conv twice with the time embedding in between; optionally halves or doubles the resolution."""
 
     def __init__(self, channels: int, emb_channels: int, out_channels: int | None = None,
-                 scale_shift: bool = True, resample: str | None = None):
+                 scale_shift: bool = True, resample: str | None = None, groups: int = NORM_GROUPS):
         super().__init__()
         out_channels = out_channels or channels
         self.scale_shift, self.resample = scale_shift, resample
-        self.in_layers = nn.Sequential(GroupNorm32(channels), nn.SiLU(), nn.Conv2d(channels, out_channels, 3, padding=1))
+        self.in_layers = nn.Sequential(GroupNorm32(channels, groups), nn.SiLU(),
+                                       nn.Conv2d(channels, out_channels, 3, padding=1))
         self.emb_layers = nn.Sequential(nn.SiLU(), nn.Linear(emb_channels, out_channels * (2 if scale_shift else 1)))
-        self.out_layers = nn.Sequential(GroupNorm32(out_channels), nn.SiLU(), nn.Dropout(0.0),
+        self.out_layers = nn.Sequential(GroupNorm32(out_channels, groups), nn.SiLU(), nn.Dropout(0.0),
                                         nn.Conv2d(out_channels, out_channels, 3, padding=1))
         self.skip_connection = nn.Identity() if out_channels == channels else nn.Conv2d(channels, out_channels, 1)
 
@@ -139,10 +142,10 @@ class AttentionBlock(nn.Module):
     released checkpoints were trained with).
     """
 
-    def __init__(self, channels: int, heads: int):
+    def __init__(self, channels: int, heads: int, groups: int = NORM_GROUPS):
         super().__init__()
         self.heads = heads
-        self.norm = GroupNorm32(channels)
+        self.norm = GroupNorm32(channels, groups)
         self.qkv = nn.Conv1d(channels, 3 * channels, 1)
         self.proj_out = nn.Conv1d(channels, channels, 1)
 
@@ -205,7 +208,7 @@ class ADMUNet(nn.Module):
         chans = cfg.level_channels()
 
         def res(c_in, c_out=None, resample=None):
-            return ResBlock(c_in, emb_ch, c_out, cfg.use_scale_shift_norm, resample)
+            return ResBlock(c_in, emb_ch, c_out, cfg.use_scale_shift_norm, resample, cfg.norm_groups)
 
         def attn(c):
             if cfg.num_head_channels == -1:
@@ -215,7 +218,7 @@ class ADMUNet(nn.Module):
                                  "an attention block; give the head width the checkpoint was trained with")
             else:
                 heads = c // cfg.num_head_channels
-            return AttentionBlock(c, heads)
+            return AttentionBlock(c, heads, cfg.norm_groups)
 
         self.time_embed = nn.Sequential(nn.Linear(cfg.model_channels, emb_ch), nn.SiLU(), nn.Linear(emb_ch, emb_ch))
         ch = chans[0]
@@ -244,7 +247,7 @@ class ADMUNet(nn.Module):
                 if level and i == cfg.num_res_blocks:
                     layers.append(res(ch, resample="up") if cfg.resblock_updown else Upsample(ch))
                 self.output_blocks.append(TimestepSequential(*layers))
-        self.out = nn.Sequential(GroupNorm32(ch), nn.SiLU(), nn.Conv2d(ch, cfg.out_channels, 3, padding=1))
+        self.out = nn.Sequential(GroupNorm32(ch, cfg.norm_groups), nn.SiLU(), nn.Conv2d(ch, cfg.out_channels, 3, padding=1))
 
     def _run(self, block: TimestepSequential, h: Tensor, emb: Tensor) -> Tensor:
         if self.gradient_checkpointing and torch.is_grad_enabled():

@@ -1,16 +1,16 @@
-"""A small latent diffusion model for the CPU efficacy testbed.
+"""A small latent diffusion model for the CPU efficacy testbed (the model the attacker customizes).
 
 :class:`TinyLDM` implements :class:`antipure_core.model.DiffusionModel`: a
-KL-regularised conv VAE (down-sampling 4, 4 latent channels, latents scaled
+KL-regularised conv VAE (down-sampling 8 like SD's, 4 latent channels, latents scaled
 to unit variance like SD's 0.18215) and a conditional UNet (two resolutions,
 self-attention and cross-attention to conditioning tokens at the coarse one,
 time + pooled-token embedding added in every residual block), on the SD
 "scaled linear" schedule.
 
 Conditioning is a token tensor ``(1 or B, L, D)`` looked up from a learned
-table (:meth:`TinyLDM.tokens`): a class token (``person`` / ``background``)
-plus an identity slot that holds one learned token per training image, or the
-null token. A customization "rare token" ``sks`` is a fixed random vector of
+table (:meth:`TinyLDM.tokens`): a class token (``photo``) plus an identity
+slot that holds one learned token per training source photo, or the null
+token. A customization "rare token" ``sks`` is a fixed random vector of
 the identity tokens' scale that the base training never saw, so a LoRA has to
 teach the model what it means (as DreamBooth does with a rare word).
 """
@@ -25,7 +25,7 @@ from torch.nn import functional as F
 from antipure_core.model import ScheduledModule
 
 #: class vocabulary; identity tokens follow at ``NUM_CLASS_TOKENS + index``
-CLASS_TOKENS = {"null": 0, "person": 1, "background": 2}
+CLASS_TOKENS = {"null": 0, "photo": 1}
 NUM_CLASS_TOKENS = len(CLASS_TOKENS)
 
 
@@ -82,7 +82,7 @@ class Attention(nn.Module):
 
 
 class VAE(nn.Module):
-    """Conv VAE with down-sampling 4; ``moments`` gives the latent's mean and log-variance.
+    """Conv VAE with down-sampling ``2 ** levels``; ``moments`` gives the latent's mean and log-variance.
 
     No normalisation layers: every output pixel depends only on a local
     neighbourhood, so a crop encodes like the same region of the full image
@@ -90,18 +90,20 @@ class VAE(nn.Module):
     image statistics.
     """
 
-    def __init__(self, ch: int = 16, z_ch: int = 4):
+    def __init__(self, ch: int = 16, z_ch: int = 4, levels: int = 2):
         super().__init__()
         c2 = 2 * ch
-        # residual blocks only at 16 and 8 px: full-resolution blocks would dominate the CPU cost
-        self.enc = nn.Sequential(nn.Conv2d(3, ch, 3, 1, 1), nn.SiLU(), nn.Conv2d(ch, c2, 4, 2, 1),
-                                 ResBlock(c2, c2, norm=False), nn.Conv2d(c2, c2, 4, 2, 1), ResBlock(c2, c2, norm=False),
-                                 nn.SiLU(), nn.Conv2d(c2, 2 * z_ch, 3, 1, 1))
-        self.dec = nn.Sequential(nn.Conv2d(z_ch, c2, 3, 1, 1), ResBlock(c2, c2, norm=False),
-                                 nn.Upsample(scale_factor=2, mode="nearest"), nn.Conv2d(c2, c2, 3, 1, 1),
-                                 ResBlock(c2, c2, norm=False), nn.Upsample(scale_factor=2, mode="nearest"),
-                                 nn.Conv2d(c2, ch, 3, 1, 1), nn.SiLU(), nn.Conv2d(ch, ch, 3, 1, 1), nn.SiLU(),
-                                 nn.Conv2d(ch, 3, 3, 1, 1))
+        # residual blocks only below full resolution: full-resolution blocks would dominate the CPU cost
+        enc = [nn.Conv2d(3, ch, 3, 1, 1), nn.SiLU(), nn.Conv2d(ch, c2, 4, 2, 1), ResBlock(c2, c2, norm=False)]
+        for _ in range(levels - 1):
+            enc += [nn.Conv2d(c2, c2, 4, 2, 1), ResBlock(c2, c2, norm=False)]
+        self.enc = nn.Sequential(*enc, nn.SiLU(), nn.Conv2d(c2, 2 * z_ch, 3, 1, 1))
+        dec = [nn.Conv2d(z_ch, c2, 3, 1, 1), ResBlock(c2, c2, norm=False)]
+        for _ in range(levels - 1):
+            dec += [nn.Upsample(scale_factor=2, mode="nearest"), nn.Conv2d(c2, c2, 3, 1, 1),
+                    ResBlock(c2, c2, norm=False)]
+        self.dec = nn.Sequential(*dec, nn.Upsample(scale_factor=2, mode="nearest"), nn.Conv2d(c2, ch, 3, 1, 1),
+                                 nn.SiLU(), nn.Conv2d(ch, ch, 3, 1, 1), nn.SiLU(), nn.Conv2d(ch, 3, 3, 1, 1))
 
     def moments(self, x: Tensor) -> tuple[Tensor, Tensor]:
         mean, logvar = self.enc(x).chunk(2, dim=1)
@@ -152,20 +154,20 @@ class TinyLDM(ScheduledModule):
     """Latent diffusion model with the core's :class:`~antipure_core.model.DiffusionModel` interface.
 
     Args:
-        num_identities: learned identity tokens (one per training image).
+        num_identities: learned identity tokens (one per training source photo).
         token_dim: conditioning token width D.
         vae_ch, unet_ch: base channel widths.
+        vae_levels: the VAE halves the resolution this many times (3: SD's 8-px latent cells).
 
     ``cond`` for :meth:`predict_noise` is a ``(1 or B, L, D)`` token tensor, e.g.
-    ``model.tokens("person")`` or ``model.tokens("person", identity=sks_vector)``.
+    ``model.tokens("photo")`` or ``model.tokens("photo", identity=sks_vector)``.
     """
 
-    downsample = 4
-
-    def __init__(self, num_identities: int = 200, token_dim: int = 32, vae_ch: int = 16, unet_ch: int = 32,
-                 num_timesteps: int = 1000):
+    def __init__(self, num_identities: int = 9, token_dim: int = 32, vae_ch: int = 16, unet_ch: int = 32,
+                 num_timesteps: int = 1000, vae_levels: int = 3):
         super().__init__(num_timesteps)
-        self.vae = VAE(vae_ch)
+        self.downsample = 2 ** vae_levels
+        self.vae = VAE(vae_ch, levels=vae_levels)
         self.unet = UNet(ch=unet_ch, token_dim=token_dim)
         self.embed = nn.Embedding(NUM_CLASS_TOKENS + num_identities, token_dim)
         nn.init.normal_(self.embed.weight, std=1.0)
@@ -173,7 +175,7 @@ class TinyLDM(ScheduledModule):
         self.register_buffer("scale_factor", torch.tensor(1.0))
 
     def encode(self, x: Tensor) -> Tensor:
-        """``(B, 3, H, W)`` in [0, 1] -> scaled latent mean ``(B, 4, H/4, W/4)`` (deterministic)."""
+        """``(B, 3, H, W)`` in [0, 1] -> scaled latent mean ``(B, 4, H/f, W/f)``, f = ``downsample`` (deterministic)."""
         return self.vae.moments(x * 2 - 1)[0] * self.scale_factor
 
     def decode(self, z: Tensor) -> Tensor:
@@ -188,7 +190,7 @@ class TinyLDM(ScheduledModule):
             raise ValueError(f"cls: expected one of {list(CLASS_TOKENS)}, got {cls!r}")
         return [CLASS_TOKENS[cls], CLASS_TOKENS["null"] if identity is None else NUM_CLASS_TOKENS + identity]
 
-    def tokens(self, cls: str = "person", identity: int | Tensor | None = None) -> Tensor:
+    def tokens(self, cls: str = "photo", identity: int | Tensor | None = None) -> Tensor:
         """Conditioning ``(1, 2, D)``: class token + identity slot (an index, a ``(D,)`` vector, or null)."""
         if isinstance(identity, Tensor):
             ids = torch.tensor([CLASS_TOKENS[cls]], device=self.device)

@@ -1,24 +1,19 @@
-"""Data and from-scratch training of the testbed's :class:`~benchmarks.testbed.model.TinyLDM`.
+"""From-scratch training of the testbed's customization model, :class:`~benchmarks.testbed.model.TinyLDM`.
 
-Data: scikit-image's ``lfw_subset()`` (100 grayscale LFW faces + 100
-non-face background crops, 25x25, no identity labels), upsampled to
-``size`` px and replicated to RGB. The last :data:`NUM_SUBJECTS` faces are
-held out of training: each is a customization *subject*, and its "photos"
-are :func:`subject_views` (flips and small zoom/shift re-crops of the face),
-since the subset has one photo per person.
-
-Training is two stages, as for Stable Diffusion: the VAE (MSE + a small KL
-term; the latent is then scaled to unit variance), then the UNet on frozen
-latents (ε-prediction, SD scaled-linear schedule, uniform timesteps, EMA).
-Weights are cached as safetensors keyed by the training config, so a second
-run loads them in a second.
+Data: :func:`~benchmarks.testbed.data.training_crops`, 64-px RGB crops of
+the training photos (the held-out subjects are never seen). Training is two
+stages, as for Stable Diffusion: the VAE (MSE + a little L1 + a small KL
+term + a round-trip term; the latent is then scaled to unit variance), then
+the UNet on frozen latents (ε-prediction, SD scaled-linear schedule, uniform
+timesteps, EMA) under "a photo of <source>" tokens, so that LoRA can later
+teach it a new rare token. Weights are cached as safetensors keyed by the
+training config, so a second run loads them in a second.
 
 Run ``python -m benchmarks.testbed.train`` to (re)train and print timings.
 """
 from __future__ import annotations
 
 import argparse
-import copy
 import hashlib
 import json
 import math
@@ -31,21 +26,22 @@ from torch.nn import functional as F
 
 from antipure_core.diffusion import q_sample, randn_like, sample_timesteps
 
+from .data import TRAIN_SOURCES, training_crops
 from .model import CLASS_TOKENS, NUM_CLASS_TOKENS, TinyLDM
 
+#: trained weights a reader reproduces the tables with (committed, < 20 MB together)
+MODELS_DIR = Path(__file__).resolve().parent / "models"
 CACHE_DIR = Path(__file__).resolve().parent / "cache"
-NUM_FACES = 100
-#: faces held out of base training as customization subjects
-NUM_SUBJECTS = 8
 
 
 @dataclass(frozen=True)
 class TrainConfig:
-    size: int = 32
+    size: int = 64
+    #: crops drawn once for both stages
+    crops: int = 4096
     vae_steps: int = 1500
     vae_batch: int = 16
-    #: random crop side for VAE training (the VAE has no normalisation layers, so crops are valid inputs);
-    #: full images drift less under repeated round trips than 16 px crops did, so full images by default
+    #: random crop side for VAE training (the VAE has no normalisation layers, so crops are valid inputs)
     vae_crop: int = 32
     vae_lr: float = 2e-3
     kl_weight: float = 1e-4
@@ -58,6 +54,7 @@ class TrainConfig:
     p_drop_identity: float = 0.3
     p_drop_all: float = 0.1
     vae_ch: int = 16
+    vae_levels: int = 3
     unet_ch: int = 32
     token_dim: int = 32
     seed: int = 0
@@ -66,47 +63,9 @@ class TrainConfig:
         return hashlib.sha1(json.dumps(asdict(self), sort_keys=True).encode()).hexdigest()[:10]
 
 
-def _to_rgb(gray: torch.Tensor, size: int) -> torch.Tensor:
-    """``(N, 25, 25)`` in [0, 1] -> ``(N, 3, size, size)`` on the 8-bit grid."""
-    x = F.interpolate(gray[:, None].float(), size=(size, size), mode="bicubic", align_corners=False, antialias=True)
-    return (x.clamp(0, 1) * 255).round().div(255).expand(-1, 3, -1, -1).contiguous()
-
-
-def _lfw() -> torch.Tensor:
-    from skimage.data import lfw_subset  # bundled with scikit-image, no download
-    return torch.from_numpy(lfw_subset()).float()
-
-
-def load_training_set(size: int = 32) -> tuple[torch.Tensor, torch.Tensor]:
-    """Training images ``(N, 3, size, size)`` and class labels ``(N,)`` (1 person, 2 background).
-
-    Faces ``0 .. NUM_FACES - NUM_SUBJECTS - 1`` and all non-faces; the held-out subjects are excluded.
-    """
-    raw = _lfw()
-    keep = list(range(NUM_FACES - NUM_SUBJECTS)) + list(range(NUM_FACES, raw.shape[0]))
-    labels = torch.tensor([CLASS_TOKENS["person"] if i < NUM_FACES else CLASS_TOKENS["background"] for i in keep])
-    return _to_rgb(raw[keep], size), labels
-
-
-def subject_views(subject: int, size: int = 32, n: int = 4) -> torch.Tensor:
-    """``n`` "photos" ``(n, 3, size, size)`` of held-out subject ``subject`` in [0, NUM_SUBJECTS).
-
-    View k is the face flipped (odd k) and re-cropped with a small zoom and
-    shift, so the photos differ the way a few snapshots of one person do at
-    25 px, without inventing new faces.
-    """
-    if not 0 <= subject < NUM_SUBJECTS:
-        raise ValueError(f"subject: must be in [0, {NUM_SUBJECTS}), got {subject}")
-    face = _lfw()[NUM_FACES - NUM_SUBJECTS + subject][None, None]
-    views = []
-    for k in range(n):
-        zoom = 1.0 - 0.06 * (k % 3)
-        dx, dy = [(0, 0), (0.05, -0.03), (-0.04, 0.04), (0.03, 0.05)][k % 4]
-        theta = torch.tensor([[[zoom, 0, dx], [0, zoom, dy]]], dtype=torch.float32)
-        grid = F.affine_grid(theta, (1, 1, 25, 25), align_corners=False)
-        v = F.grid_sample(face, grid, mode="bicubic", padding_mode="border", align_corners=False)[0, 0]
-        views.append(v.flip(-1) if k % 2 else v)
-    return _to_rgb(torch.stack(views).clamp(0, 1), size)
+def load_training_set(cfg: "TrainConfig") -> tuple[torch.Tensor, torch.Tensor]:
+    """Training crops ``(N, 3, size, size)`` and their source indices ``(N,)`` (the identity tokens)."""
+    return training_crops(cfg.crops, cfg.size, generator=torch.Generator().manual_seed(cfg.seed + 11))
 
 
 def _log(msg: str, verbose: bool) -> None:
@@ -153,13 +112,15 @@ def train_vae(model: TinyLDM, x: torch.Tensor, cfg: TrainConfig, verbose: bool =
 
 def train_unet(model: TinyLDM, x: torch.Tensor, labels: torch.Tensor, cfg: TrainConfig,
                verbose: bool = True) -> dict:
-    """Train ``model.unet`` and the token table on frozen latents of ``x`` (and their flips); EMA weights kept."""
+    """Train ``model.unet`` and the token table on frozen latents of ``x`` (and their flips); EMA weights kept.
+
+    ``labels`` ``(N,)``: each image's source index, its identity token.
+    """
     g = torch.Generator().manual_seed(cfg.seed + 1)
     with torch.no_grad():
         z = torch.cat([model.encode(torch.cat([x, x.flip(-1)])[k:k + 64]) for k in range(0, 2 * x.shape[0], 64)])
-    n = x.shape[0]
-    cls = torch.cat([labels, labels])
-    ident = torch.arange(n).repeat(2) + NUM_CLASS_TOKENS
+    cls = torch.full((2 * x.shape[0],), CLASS_TOKENS["photo"])
+    ident = torch.cat([labels, labels]) + NUM_CLASS_TOKENS
     params = list(model.unet.parameters()) + list(model.embed.parameters())
     opt = torch.optim.AdamW(params, lr=cfg.unet_lr, weight_decay=0.0)
     warm = 200
@@ -197,14 +158,14 @@ def train_unet(model: TinyLDM, x: torch.Tensor, labels: torch.Tensor, cfg: Train
     return {"unet_loss": round(running, 4)}
 
 
-def build_model(cfg: TrainConfig, cache_dir: Path | str | None = CACHE_DIR, verbose: bool = True,
+def build_model(cfg: TrainConfig, cache_dir: Path | str | None = MODELS_DIR, verbose: bool = True,
                 force: bool = False) -> tuple[TinyLDM, dict]:
     """The trained testbed model (frozen, eval mode) and its training info; trains and caches on first use."""
     from safetensors.torch import load_file, save_file
 
-    n_train = (NUM_FACES - NUM_SUBJECTS) + NUM_FACES
     torch.manual_seed(cfg.seed)
-    model = TinyLDM(num_identities=n_train, token_dim=cfg.token_dim, vae_ch=cfg.vae_ch, unet_ch=cfg.unet_ch)
+    model = TinyLDM(num_identities=len(TRAIN_SOURCES), token_dim=cfg.token_dim, vae_ch=cfg.vae_ch,
+                    unet_ch=cfg.unet_ch, vae_levels=cfg.vae_levels)
     path = info_path = None
     if cache_dir is not None:
         path = Path(cache_dir) / f"tinyldm-{cfg.size}px-{cfg.key()}.safetensors"
@@ -215,7 +176,7 @@ def build_model(cfg: TrainConfig, cache_dir: Path | str | None = CACHE_DIR, verb
         info["cached"] = True
         _log(f"loaded cached model {path.name}", verbose)
         return model.eval().requires_grad_(False), info
-    x, labels = load_training_set(cfg.size)
+    x, labels = load_training_set(cfg)
     _log(f"training TinyLDM from scratch on {x.shape[0]} images at {cfg.size}px "
          f"({sum(p.numel() for p in model.parameters()) / 1e6:.2f} M parameters)", verbose)
     t0 = time.perf_counter()
@@ -236,7 +197,7 @@ def build_model(cfg: TrainConfig, cache_dir: Path | str | None = CACHE_DIR, verb
 
 def main(argv=None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--size", type=int, default=32)
+    ap.add_argument("--size", type=int, default=TrainConfig.size)
     ap.add_argument("--vae-steps", type=int, default=TrainConfig.vae_steps)
     ap.add_argument("--unet-steps", type=int, default=TrainConfig.unet_steps)
     ap.add_argument("--threads", type=int, default=1)

@@ -195,3 +195,16 @@ def test_latent_and_conditional_models_are_refused():
     with pytest.raises(ValueError, match="num_head_channels: 48 does not divide"):
         sd.pop("label_emb.weight")
         adm_from_state_dict(sd, num_head_channels=48)
+
+
+def test_fewer_norm_groups_allow_narrow_models():
+    # guided-diffusion's 32 groups need >= 32 channels; a small trained model (the testbed's) uses fewer
+    assert ADMConfig().norm_groups == 32
+    with pytest.raises(ValueError):
+        ADMUNet(ADMConfig(model_channels=8, channel_mult=(1, 2), num_res_blocks=1, attention_ds=(2,),
+                          num_head_channels=16))
+    cfg = ADMConfig(model_channels=8, channel_mult=(1, 2), num_res_blocks=1, attention_ds=(2,), num_head_channels=16,
+                    norm_groups=4)
+    unet = ADMUNet(cfg)
+    assert {m.num_groups for m in unet.modules() if isinstance(m, torch.nn.GroupNorm)} == {4}
+    assert unet(torch.randn(2, 3, 16, 16), torch.tensor([0, 5])).shape == (2, 6, 16, 16)

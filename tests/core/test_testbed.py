@@ -1,98 +1,160 @@
-"""Smoke test of the CPU efficacy testbed (benchmarks/testbed): model interface, a training step, one tiny repeat.
+"""Tests of the CPU efficacy testbed v2 (benchmarks/testbed): data split, both models, one tiny job, the report.
 
-Untrained weights and a handful of steps: this checks the plumbing, not the numbers
-(those come from ``python -m benchmarks.testbed.run``).
+Untrained or barely trained weights and a handful of steps: this checks the
+plumbing and the bookkeeping the tables rely on, not the numbers (those come
+from ``python -m benchmarks.testbed.run``).
 """
 import math
 
 import pytest
 import torch
 
+from antipure_core.adm import ADMUNet
 from antipure_core.model import DiffusionModel, check_model
-from benchmarks.testbed import run as testbed
+from antipure_core.pixel_diffusion import PixelDiffusion
+from benchmarks.testbed import data, experiment, report
 from benchmarks.testbed.model import TinyLDM
+from benchmarks.testbed.purifier import PurifierConfig, diffusion_loss, train_purifier
 from benchmarks.testbed.train import TrainConfig, train_unet, train_vae
 from tests.toy import smooth_image
-
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")
-def model():
+def ldm():
     torch.manual_seed(0)
-    return TinyLDM(num_identities=4, token_dim=8, vae_ch=4, unet_ch=8).eval().requires_grad_(False)
+    m = TinyLDM(num_identities=3, token_dim=8, vae_ch=4, unet_ch=8)
+    torch.nn.init.normal_(m.unet.out[-1].weight, std=0.1)  # zero-initialised for training: no gradient to attack
+    return m.eval().requires_grad_(False)
 
 
-def test_interface_and_shapes(model):
-    check_model(model)
-    assert isinstance(model, DiffusionModel)
-    x = smooth_image(2, 32, 32)
-    z = model.encode(x)
+@pytest.fixture(scope="module")
+def adm():
+    model, _ = train_purifier(PurifierConfig(steps=2, batch=2, crops=4), verbose=False)
+    return model
+
+
+def test_split_keeps_subjects_out_of_training():
+    assert not set(data.SUBJECTS) & set(data.TRAIN_SOURCES)
+    x, labels = data.training_crops(6, 64, generator=torch.Generator().manual_seed(0))
+    assert x.shape == (6, 3, 64, 64) and labels.shape == (6,)
+    assert int(labels.max()) < len(data.TRAIN_SOURCES)
+    assert torch.equal((x * 255).round() / 255, x)  # on the 8-bit grid
+    views = data.subject_views("chelsea", n=8)
+    assert views.shape == (8, 3, 64, 64) and 0 <= float(views.min()) and float(views.max()) <= 1
+    # the photos differ from one another (zoom, shift, flip), like snapshots of one subject
+    assert all(float((views[i] - views[i + 1]).abs().mean()) > 0.01 for i in range(7))
+    with pytest.raises(ValueError, match="subject"):
+        data.subject_views("lena")
+
+
+def test_ldm_has_sd_like_8px_latent_cells(ldm):
+    check_model(ldm)
+    assert isinstance(ldm, DiffusionModel) and ldm.downsample == 8
+    x = smooth_image(2, 64, 64)
+    z = ldm.encode(x)
     assert z.shape == (2, 4, 8, 8)
-    assert model.decode(z).shape == (2, 3, 32, 32)
-    cond = model.tokens("person", identity=model.rare_token(0))
+    assert ldm.decode(z).shape == (2, 3, 64, 64)
+    cond = ldm.tokens("photo", identity=ldm.rare_token(0))
     assert cond.shape == (1, 2, 8)
-    eps = model.predict_noise(z, torch.tensor([0, 999]), cond)
-    assert eps.shape == z.shape and torch.isfinite(eps).all()
+    assert ldm.predict_noise(z, torch.tensor([0, 999]), cond).shape == z.shape
     with pytest.raises(ValueError, match="cls"):
-        model.tokens("cat")
+        ldm.tokens("person")
 
 
-def test_training_steps_run_and_scale_latent():
+def test_ldm_training_steps_run_and_scale_latent():
     torch.manual_seed(0)
-    m = TinyLDM(num_identities=4, token_dim=8, vae_ch=4, unet_ch=8)
-    x = smooth_image(4, 16, 16)
-    cfg = TrainConfig(vae_steps=3, vae_batch=2, vae_crop=8, unet_steps=3, unet_batch=2, token_dim=8, vae_roundtrip=1.0)
+    m = TinyLDM(num_identities=2, token_dim=8, vae_ch=4, unet_ch=8)
+    x = smooth_image(4, 32, 32)
+    cfg = TrainConfig(vae_steps=40, vae_batch=2, vae_crop=16, unet_steps=3, unet_batch=2, token_dim=8)
     info = train_vae(m, x, cfg, verbose=False)
-    # the latent is rescaled to unit standard deviation, as SD's scale factor does
-    with torch.no_grad():
+    with torch.no_grad():  # the latent is rescaled to unit s.d., as SD's scale factor does
         assert abs(float(m.encode(x).std()) - 1) < 1e-3
     assert math.isfinite(info["vae_psnr_db"])
     before = [p.clone() for p in m.unet.parameters()]
-    info = train_unet(m, x, torch.tensor([1, 1, 2, 2]), cfg, verbose=False)
-    assert math.isfinite(info["unet_loss"])
+    assert math.isfinite(train_unet(m, x, torch.tensor([0, 0, 1, 1]), cfg, verbose=False)["unet_loss"])
     assert any(not torch.equal(a, b) for a, b in zip(before, m.unet.parameters()))
 
 
-def test_one_tiny_repeat_writes_results(model, tmp_path):
-    s = testbed.Settings(pgd_steps=2, lora_steps=2, num_samples=2, sample_steps=2, diffpure_steps=1,
-                         methods=("none", "antipure"), purifiers=("none", "diffpure"),
-                         subjects=(0,))
-    photos = smooth_image(2, 32, 32)
-    lora_before = {k: v.clone() for k, v in model.state_dict().items()}
-    rows, examples = testbed.run_repeat(model, photos, 0, s, log=lambda *_: None)
-    assert len(rows) == 4 and len(examples) == 4
-    # the reference cell is the clean-customized model itself; LoRA is removed again afterwards
-    ref = next(r for r in rows if r["method"] == "none" and r["purifier"] == "none")
-    assert ref["sample_dist"] == 0 and ref["psnr_protected"] == 99
-    assert model.state_dict().keys() == lora_before.keys()
-    assert all(torch.equal(v, lora_before[k]) for k, v in model.state_dict().items())
-    assert ref["sample_gain"] == 0 and ref["survival"] == 0
-    prot = next(r for r in rows if r["method"] == "antipure" and r["purifier"] == "none")
-    assert 20 < prot["psnr_protected"] < 99  # within an 8/255 budget: PSNR >= 30 dB roughly
-    assert 0 < prot["survival"] <= 8 + 1e-3  # unpurified: the whole perturbation survives, RMSE <= eta
-    agg = testbed.aggregate(rows, s)
-    ranks = {"sample_gain": testbed.ranking(agg, rows, s)}
-    paths = testbed.write_results(tmp_path, "smoke", rows, agg, ranks, s, {"summary": "smoke"},
-                                  heatmap_png=False)
-    text = paths[0].read_text()
-    assert "sample_dist" in text and "antipure" in text
-    assert paths[1].read_text().count("\n") == 5  # header + 4 cells
+def test_purifier_is_a_pixel_adm_with_learned_variance(adm):
+    assert isinstance(adm, PixelDiffusion) and adm.downsample == 1
+    assert adm.unet.config.learn_sigma and adm.unet.config.norm_groups == 4
+    x0 = smooth_image(2, 32, 32) * 2 - 1
+    t = torch.tensor([0, 150])
+    loss, mse = diffusion_loss(adm, x0, t, torch.randn_like(x0), vlb_weight=1e-3)
+    assert loss.shape == (2,) and torch.all(loss >= mse)  # the KL term is >= 0, and 0 at t = 0
+    assert float(loss[0]) == pytest.approx(float(mse[0]))
 
 
-def test_screening_without_customization(model):
-    # photoguard: its gradient flows through the encoder (the untrained UNet outputs zeros)
-    s = testbed.Settings(pgd_steps=1, methods=("none", "photoguard"), purifiers=("none", "jpeg75"))
-    rows, examples = testbed.run_repeat(model, smooth_image(1, 32, 32), 0, s, log=lambda *_: None,
-                                        customize_cells=False)
-    assert not examples and [r["method"] for r in rows] == ["none", "none", "photoguard", "photoguard"]
-    assert "sample_dist" not in rows[0] and rows[2]["survival"] > 0
+def test_purifier_loss_trains_the_variance_through_the_kl_only():
+    model = PixelDiffusion(ADMUNet(PurifierConfig().adm()))
+    x0 = smooth_image(2, 32, 32) * 2 - 1
+    loss, mse = diffusion_loss(model, x0, torch.tensor([50, 120]), torch.randn_like(x0), vlb_weight=1.0)
+    (loss - mse).sum().backward()  # the KL alone: it must not move ε̂ (detached mean), only the variance
+    out_w = model.unet.out[-1].weight.grad
+    assert out_w[:3].abs().sum() == 0 and out_w[3:].abs().sum() > 0
 
 
-def test_unknown_names_raise(model):
-    s = testbed.Settings()
-    with pytest.raises(ValueError, match="method"):
-        testbed.protection_kwargs("antipur", s)
-    with pytest.raises(ValueError, match="purifier"):
-        testbed.purify("blur", model, smooth_image(1, 32, 32), model.tokens("null"), s, 0)
+def _tiny_settings(**kw):
+    base = dict(pgd_steps=2, lora_steps=2, num_samples=2, sample_steps=2, gridpure_iterations=2, diffpure_t_star=3,
+                sdedit_steps=2, surrogate_attack_steps=1, surrogate_train_steps=1, num_photos=2, curve=False,
+                methods=("none", "advdm", "aspl", "antipure"))
+    base.update(kw)
+    return experiment.Settings(**base)
+
+
+def test_one_tiny_job_rows_and_report(ldm, adm, tmp_path):
+    s = _tiny_settings()
+    views = data.subject_views("coffee", n=4)
+    state = {k: v.clone() for k, v in ldm.state_dict().items()}
+    rows, examples = experiment.run_job(ldm, adm, views[:2], views[2:], 2, s, log=lambda *_: None)
+    assert len(rows) == len(s.methods) * len(s.purifiers) == len(examples)
+    # no LoRA left behind by the surrogate or the customization; weights untouched
+    assert ldm.state_dict().keys() == state.keys()
+    assert all(torch.equal(v, state[k]) for k, v in ldm.state_dict().items())
+    cell = {(r["method"], r["purifier"]): r for r in rows}
+    ref = cell[("none", "none")]
+    assert ref["sample_dist"] == 0 and ref["sample_gain"] == 0 and ref["survival"] == 0
+    assert ref["psnr_protected"] == 99
+    # unpurified, the whole perturbation survives: RMSE within the budget; AntiPure changed the photos
+    for m in ("advdm", "aspl", "antipure"):
+        assert 0 < cell[(m, "none")]["survival"] <= 8 + 1e-3
+    # the clean photos purified twice differ only by the purifier's randomness
+    assert cell[("none", "gridpure")]["survival"] > 0
+    out = report.write_results(tmp_path, "tiny", rows, s, {"models": "toy"}, [8])
+    text = out[0].read_text()
+    assert "### survival" in text and "antipure_minus_best" in text and "| aspl |" in text
+    png = report.example_figure(examples, s.methods, tmp_path / "ex.png")
+    assert png.stat().st_size > 0
+
+
+def test_curve_columns_are_gridpure_snapshots(ldm, adm):
+    s = _tiny_settings(gridpure_iterations=12, gridpure_t_star=1, methods=("none",), purifiers=("gridpure",),
+                       curve=True)
+    x = data.subject_views("astronaut", n=1)
+    out = experiment.purify_all(x, ldm, adm, s, seed=0, log=lambda *_: None)
+    assert set(out) == {"none", "gridpure@10", "gridpure@12", "gridpure"}
+    assert out["gridpure@12"] is out["gridpure"]
+    # runs of 10 and 2 iterations are one 12-iteration run exactly (the second continues the first's noise stream)
+    from antipure_core.purify_pixel import pixel_gridpure
+    once = pixel_gridpure(adm, x, t_star=1, window=32, stride=16, iterations=12, gamma=0.1,
+                          generator=torch.Generator().manual_seed(0))
+    assert torch.allclose(once, out["gridpure"], atol=1e-6)
+
+
+def test_subject_similarity_prefers_the_subject():
+    photos = data.subject_views("astronaut", n=2)
+    other = data.subject_views("coffee", n=2)
+    sim_self = experiment.subject_similarity(photos.flip(-1), photos)
+    sim_other = experiment.subject_similarity(other, photos)
+    assert torch.all(sim_self > sim_other)
+
+
+def test_comparison_pairs_by_subject():
+    rows = [{"subject": s, "eta": 8, "method": m, "purifier": "gridpure", "sample_gain": v}
+            for s, vals in enumerate([(0.1, 0.3), (0.2, 0.1)]) for m, v in zip(("antipure", "advdm"), vals)]
+    agg = report.aggregate(rows)
+    (entry,) = report.comparison(agg, rows, 8, ["gridpure"], "sample_gain")
+    assert entry["best_baseline"] == "advdm" and entry["antipure_ahead"] == "1/2"
+    assert entry["antipure_minus_best"].startswith("-0.050")

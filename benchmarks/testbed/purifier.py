@@ -1,0 +1,157 @@
+"""The testbed's purifier: a small ADM (the core's guided-diffusion architecture) trained here as a pixel DDPM.
+
+It plays the part of OpenAI's 256-px unconditional ADM at 1/8 scale: the
+subjects are 64 px (GrIDPure's 512), the model is trained on 32-px crops
+(256), so GrIDPure runs it on 32-px windows at stride 16 with the packed
+corners, exactly as at full scale, and GrIDPure's DiffPure baseline resizes
+64 → 32 → 64.
+
+Training is guided-diffusion's: 1000-step linear schedule, ε-prediction with
+the learned variance (L_simple + 0.001 · L_vlb, the variance trained through
+the KL term only, as in improved DDPM), uniform timesteps, EMA weights.
+Timesteps are drawn from ``[0, t_max)`` only: every use of the purifier
+(GrIDPure t* = 10, DiffPure t* = 100, AntiPure's t ≤ t^p and t_err ≤ 2 t^p)
+lies below ``t_max = 300``, and a CPU budget is better spent there.
+"""
+from __future__ import annotations
+
+import copy
+import hashlib
+import json
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import torch
+from torch.nn import functional as F
+
+from antipure_core.adm import ADMConfig, ADMUNet
+from antipure_core.diffusion import gather, predict_x0, q_sample, randn_like
+from antipure_core.pixel_diffusion import PixelDiffusion
+
+from .data import training_crops
+
+#: 8 channels at 32 px, 16 at 16 px, 32 at 8 px (attention there), learned variance: 0.18 M parameters
+ADM_CONFIG = ADMConfig(model_channels=8, channel_mult=(1, 2, 4), num_res_blocks=1, attention_ds=(4,),
+                       num_head_channels=32, resblock_updown=False, norm_groups=4)
+
+
+@dataclass(frozen=True)
+class PurifierConfig:
+    size: int = 32
+    steps: int = 2000
+    batch: int = 32
+    lr: float = 2e-3
+    ema: float = 0.995
+    t_max: int = 300
+    vlb_weight: float = 1e-3
+    #: crops drawn once and cycled (with flips); more than the steps touch, so little repeats
+    crops: int = 8192
+    model_channels: int = ADM_CONFIG.model_channels
+    seed: int = 0
+
+    def key(self) -> str:
+        return hashlib.sha1(json.dumps(asdict(self), sort_keys=True).encode()).hexdigest()[:10]
+
+    def adm(self) -> ADMConfig:
+        from dataclasses import replace
+        return replace(ADM_CONFIG, model_channels=self.model_channels)
+
+
+def _normal_kl(mean1, logvar1, mean2, logvar2):
+    return 0.5 * (-1.0 + logvar2 - logvar1 + (logvar1 - logvar2).exp() + (mean1 - mean2).square() * (-logvar2).exp())
+
+
+def diffusion_loss(model: PixelDiffusion, x0, t, noise, vlb_weight: float):
+    """guided-diffusion's hybrid loss per sample: MSE(ε̂, ε) + ``vlb_weight`` · KL(q(x_{t−1}|x_t,x_0) ‖ p) (t ≥ 1).
+
+    The KL sees ε̂ detached, so only the variance channels learn from it (improved DDPM's L_hybrid).
+    """
+    x_t = q_sample(model, x0, t, noise)
+    out = model.unet_output(x_t, t)
+    eps, var_values = out[:, :3], out[:, 3:]
+    mse = (eps - noise).square().flatten(1).mean(1)
+    log_var = model.log_variance(var_values, t, x_t)
+    pred_mean = model.posterior_mean(predict_x0(model, x_t, t, eps.detach()).clamp(-1, 1), x_t, t)
+    true_mean = model.posterior_mean(x0, x_t, t)
+    true_logvar = gather(model.posterior_log_variance_clipped, t, x_t)
+    kl = _normal_kl(true_mean, true_logvar, pred_mean, log_var).flatten(1).mean(1) / 0.6931471805599453
+    kl = torch.where(t > 0, kl, torch.zeros_like(kl))  # t = 0 is the decoder term; ε-MSE covers it here
+    return mse + vlb_weight * kl, mse
+
+
+def train_purifier(cfg: PurifierConfig, verbose: bool = True) -> tuple[PixelDiffusion, dict]:
+    torch.manual_seed(cfg.seed)
+    model = PixelDiffusion(ADMUNet(cfg.adm()))
+    g = torch.Generator().manual_seed(cfg.seed)
+    data, _ = training_crops(cfg.crops, cfg.size, generator=torch.Generator().manual_seed(cfg.seed + 7))
+    data = data * 2 - 1
+    opt = torch.optim.AdamW(model.unet.parameters(), lr=cfg.lr, weight_decay=0.0)
+    sched = torch.optim.lr_scheduler.OneCycleLR(opt, cfg.lr, total_steps=cfg.steps, pct_start=0.05)
+    ema = copy.deepcopy(model.unet).requires_grad_(False)
+    model.unet.train()
+    running, t0 = None, time.perf_counter()
+    for i in range(cfg.steps):
+        idx = torch.randint(data.shape[0], (cfg.batch,), generator=g)
+        x0 = data[idx]
+        x0 = torch.where((torch.rand(cfg.batch, generator=g) < 0.5)[:, None, None, None], x0.flip(-1), x0)
+        t = torch.randint(cfg.t_max, (cfg.batch,), generator=g)
+        loss, mse = diffusion_loss(model, x0, t, randn_like(x0, g), cfg.vlb_weight)
+        opt.zero_grad(set_to_none=True)
+        loss.mean().backward()
+        torch.nn.utils.clip_grad_norm_(model.unet.parameters(), 1.0)
+        opt.step()
+        sched.step()
+        with torch.no_grad():
+            for e, p in zip(ema.parameters(), model.unet.parameters()):
+                e.lerp_(p, 1 - cfg.ema)
+        running = mse.mean().item() if running is None else 0.98 * running + 0.02 * mse.mean().item()
+        if verbose and (i % 250 == 0 or i == cfg.steps - 1):
+            print(f"  purifier step {i:5d}  eps-mse(ema) {running:.4f}  {time.perf_counter() - t0:.0f}s", flush=True)
+    model.unet = ema.eval()
+    return model.eval().requires_grad_(False), {"eps_mse": round(running, 5),
+                                                "seconds": round(time.perf_counter() - t0, 1)}
+
+
+def denoise_psnr(model: PixelDiffusion, t: int = 9, n: int = 64, seed: int = 1) -> dict[str, float]:
+    """PSNR (dB) of the one-step x̂₀ and of the noisy input at timestep index ``t`` on fresh training-pool crops."""
+    x, _ = training_crops(n, 32, generator=torch.Generator().manual_seed(10_000 + seed))
+    g = torch.Generator().manual_seed(seed)
+    z = x * 2 - 1
+    tt = torch.full((n,), t)
+    with torch.no_grad():
+        z_t = q_sample(model, z, tt, randn_like(z, g))
+        x0 = predict_x0(model, z_t, tt, model.predict_noise(z_t, tt)).clamp(-1, 1)
+    psnr = lambda z: round(float(-10 * torch.log10(F.mse_loss((z + 1) / 2, x))), 2)  # noqa: E731
+    return {"denoised_db": psnr(x0), "noisy_db": psnr(z_t / gather(model.alphas_cumprod, tt, z_t).sqrt())}
+
+
+def build_purifier(cfg: PurifierConfig, cache_dir: Path | str | None, verbose: bool = True,
+                   force: bool = False) -> tuple[PixelDiffusion, dict]:
+    """The trained purifier (frozen, eval mode) and its training info; trains and caches on first use."""
+    from safetensors.torch import load_file, save_file
+
+    path = info_path = None
+    if cache_dir is not None:
+        path = Path(cache_dir) / f"purifier-adm-{cfg.size}px-{cfg.key()}.safetensors"
+        info_path = path.with_suffix(".json")
+    if path is not None and path.exists() and not force:
+        model = PixelDiffusion(ADMUNet(cfg.adm()))
+        model.unet.load_state_dict(load_file(str(path)))
+        info = json.loads(info_path.read_text()) if info_path.exists() else {}
+        info["cached"] = True
+        if verbose:
+            print(f"loaded cached purifier {path.name}", flush=True)
+        return model.eval().requires_grad_(False), info
+    if verbose:
+        n = sum(p.numel() for p in ADMUNet(cfg.adm()).parameters())
+        print(f"training the pixel purifier (ADM, {n / 1e6:.2f} M parameters) at {cfg.size} px", flush=True)
+    model, info = train_purifier(cfg, verbose)
+    info["psnr_at_t10"] = denoise_psnr(model)
+    info["config"] = asdict(cfg)
+    if path is not None:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        save_file({k: v.contiguous() for k, v in model.unet.state_dict().items()}, str(path))
+        info_path.write_text(json.dumps(info, indent=1))
+    info["cached"] = False
+    return model, info
