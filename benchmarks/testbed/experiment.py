@@ -24,7 +24,7 @@ saw).
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, replace
 from typing import Callable, Optional
 
 import torch
@@ -102,15 +102,22 @@ class Settings:
     seed: int = 0
     methods: tuple = tuple(METHODS)
     purifiers: tuple = PURIFIERS
-    extra: dict = field(default_factory=dict)
 
 
 def alpha(s: Settings) -> float:
     return s.eta * s.pgd_alpha_ratio
 
 
-def protect_photos(name: str, ldm, adm, photos: Tensor, set_a: Tensor, cond, s: Settings, seed: int) -> Tensor:
-    """The protected ``photos`` for method ``name`` (the clean photos for ``none``)."""
+#: a variant: (the entry of :data:`METHODS` it modifies, :class:`Settings` fields it overrides)
+Variant = tuple[str, dict]
+
+
+def protect_photos(name: str, ldm, adm, photos: Tensor, set_a: Tensor, cond, s: Settings, seed: int,
+                   variants: Optional[dict[str, Variant]] = None) -> Tensor:
+    """The protected ``photos`` for method ``name`` (the clean photos for ``none``), or for a named variant."""
+    if variants and name in variants:
+        base, overrides = variants[name]
+        name, s = base, replace(s, **overrides)
     spec = METHODS[name]
     if spec is None:
         return photos.clone()
@@ -128,6 +135,10 @@ def protect_photos(name: str, ldm, adm, photos: Tensor, set_a: Tensor, cond, s: 
     if target == "purifier":
         kw.setdefault("frequency", FrequencyGuidance(weight=s.pfg_weight, patch_size=s.pfg_patch))
         kw.setdefault("timestep", TimestepGuidance(weight=s.etg_weight, rule=s.etg_rule))
+        if s.pfg_weight == 0:
+            kw["frequency"] = None
+        if s.etg_weight == 0:
+            kw["timestep"] = None
         return protect(adm, photos, None, eta=s.eta, alpha=alpha(s), steps=s.pgd_steps, seed=seed,
                        t_purify=s.t_purify, window=s.window, stride=s.stride, window_mode=s.window_mode, **kw)
     return protect(ldm, photos, cond, eta=s.eta, alpha=alpha(s), steps=s.pgd_steps, seed=seed, **kw)
@@ -162,7 +173,7 @@ def customize_and_sample(ldm, images: Tensor, cond, s: Settings, seed: int) -> T
         customize(ldm, images, cond, params, steps=s.lora_steps, lr=s.lora_lr, batch_size=s.lora_batch,
                   generator=seed)
         h = images.shape[-1] // ldm.downsample
-        return sample(ldm, cond, (s.num_samples, 4, h, h), steps=s.sample_steps, generator=seed + 1)
+        return sample(ldm, cond, (s.num_samples, ldm.latent_channels, h, h), steps=s.sample_steps, generator=seed + 1)
     finally:
         remove_lora(ldm.unet)
         ldm.requires_grad_(False)
@@ -200,50 +211,78 @@ def sample_scores(samples: Tensor, reference: Tensor, photos: Tensor, p: int) ->
             "hf_generated": float(high_frequency_ratio(samples, p).mean())}
 
 
-def run_job(ldm, adm, photos: Tensor, set_a: Tensor, subject: int, s: Settings, log: Callable = print,
-            customize_cells: bool = True) -> tuple[list[dict], dict]:
-    """All methods x purifiers for one subject at ``s.eta``: rows and example images.
+def instance_cond(ldm, subject: int):
+    """"a photo of sks": the class token and the subject's own rare identity token."""
+    return ldm.tokens("photo", identity=ldm.rare_token(seed=subject))
 
-    Every protected batch and the clean photos (twice: the second copy's
-    purification measures the purifier's own randomness, the ``none`` row of
-    ``survival``) are purified together in one batch; every method's samples
-    start from the same initial noise.
-    """
-    seed = s.seed + 1000 * subject
-    cond = ldm.tokens("photo", identity=ldm.rare_token(seed=subject))  # "a photo of sks"
-    n = photos.shape[0]
-    protected, t_protect = {}, {}
+
+def job_seed(s: Settings, subject: int) -> int:
+    return s.seed + 1000 * subject
+
+
+def protect_job(ldm, adm, photos: Tensor, set_a: Tensor, subject: int, s: Settings, log: Callable = print,
+                variants: Optional[dict[str, Variant]] = None) -> tuple[dict[str, Tensor], dict[str, float]]:
+    """Every method of ``s.methods`` on one subject's ``photos``: protected images and seconds, by method."""
+    cond, seed = instance_cond(ldm, subject), job_seed(s, subject)
+    protected, seconds = {}, {}
     for name in s.methods:
         t0 = time.perf_counter()
-        protected[name] = protect_photos(name, ldm, adm, photos, set_a, cond, s, seed)
-        t_protect[name] = time.perf_counter() - t0
-        log(f"  subject {subject} eta {s.eta * 255:.0f}: {name:15s} protected in {t_protect[name]:5.1f}s")
-    batch = torch.cat([photos] + [protected[m] for m in s.methods])
-    purified = purify_all(batch, ldm, adm, s, seed, log)
-    split = {k: dict(zip(["clean"] + list(s.methods), v.split(n))) for k, v in purified.items()}
-    columns = list(s.purifiers)
+        protected[name] = protect_photos(name, ldm, adm, photos, set_a, cond, s, seed, variants)
+        seconds[name] = time.perf_counter() - t0
+        log(f"  {name:15s} protected in {seconds[name]:5.1f}s")
+    return protected, seconds
+
+
+def columns(s: Settings) -> list[str]:
+    """The purifier columns that get customized: ``s.purifiers`` and, with ``s.curve``, the GrIDPure snapshots."""
+    cols = list(s.purifiers)
     if s.curve and "gridpure" in s.purifiers:
-        columns += [f"gridpure@{k}" for k in CURVE if k < s.gridpure_iterations]
+        cols += [f"gridpure@{k}" for k in CURVE if k < s.gridpure_iterations]
+    return cols
+
+
+def score_job(ldm, photos: Tensor, subject: int, s: Settings, protected: dict[str, Tensor],
+              purified: dict[str, dict[str, Tensor]], seconds: dict[str, float], log: Callable = print,
+              customize_cells: bool = True) -> tuple[list[dict], dict]:
+    """Scores of every method x column for one subject.
+
+    ``purified[column]`` maps ``'clean'`` (the clean photos purified) and every
+    method (its protected photos purified; for ``none`` a second purification
+    of the clean photos, so ``none``'s survival is the purifier's randomness).
+    With ``customize_cells``, LoRA-customizes on every cell, samples from the
+    same initial noise, and adds ``sample_gain``/``subject_drop`` against ``none``.
+    """
+    cond, seed = instance_cond(ldm, subject), job_seed(s, subject)
     reference = customize_and_sample(ldm, photos, cond, s, seed) if customize_cells else None
     rows, examples = [], {}
     for name in s.methods:
         t0 = time.perf_counter()
-        for col in columns:
-            got = split[col][name]
+        for col in columns(s):
+            got = purified[col][name]
             row = {"subject": subject, "eta": round(s.eta * 255), "method": name, "purifier": col, "seed": seed,
                    "psnr_protected": float(psnr(protected[name], photos).clamp(max=99).mean()),
-                   "protect_s": round(t_protect[name], 1)}
-            row.update(purified_scores(got, split[col]["clean"], s.grid_patch))
+                   "protect_s": round(seconds[name], 1)}
+            row.update(purified_scores(got, purified[col]["clean"], s.grid_patch))
             if customize_cells:
                 samples = reference if (name, col) == ("none", "none") else customize_and_sample(ldm, got, cond, s, seed)
                 row.update(sample_scores(samples, reference, photos, s.grid_patch))
-                examples[(name, col)] = (protected[name][0], got[0], split[col]["clean"][0], samples[:3])
+                examples[(name, col)] = (protected[name][0], got[0], purified[col]["clean"][0], samples[:3])
             rows.append(row)
-        log(f"  subject {subject} eta {s.eta * 255:.0f}: {name:15s} customized {len(columns)} cells in "
-            f"{time.perf_counter() - t0:5.1f}s")
+        log(f"  {name:15s} customized {len(columns(s))} cells in {time.perf_counter() - t0:5.1f}s")
     if customize_cells:
         for r in rows:  # the protection's own effect beyond what the purifier alone does to the outcome
             base = next(b for b in rows if b["method"] == "none" and b["purifier"] == r["purifier"])
             r["sample_gain"] = r["sample_dist"] - base["sample_dist"]
             r["subject_drop"] = base["subject_sim"] - r["subject_sim"]
     return rows, examples
+
+
+def run_job(ldm, adm, photos: Tensor, set_a: Tensor, subject: int, s: Settings, log: Callable = print,
+            customize_cells: bool = True, variants: Optional[dict[str, Variant]] = None) -> tuple[list[dict], dict]:
+    """Protect, purify (one batch: the clean photos and every protected set) and score, in one process."""
+    protected, seconds = protect_job(ldm, adm, photos, set_a, subject, s, log, variants)
+    names = ["clean", *s.methods]
+    batch = torch.cat([photos] + [protected[m] for m in s.methods])
+    purified = {col: dict(zip(names, v.split(photos.shape[0])))
+                for col, v in purify_all(batch, ldm, adm, s, job_seed(s, subject), log).items()}
+    return score_job(ldm, photos, subject, s, protected, purified, seconds, log, customize_cells)

@@ -1,7 +1,7 @@
 """A small latent diffusion model for the CPU efficacy testbed (the model the attacker customizes).
 
 :class:`TinyLDM` implements :class:`antipure_core.model.DiffusionModel`: a
-KL-regularised conv VAE (down-sampling 8 like SD's, 4 latent channels, latents scaled
+KL-regularised conv VAE (down-sampling 8 like SD's, 8 latent channels, latents scaled
 to unit variance like SD's 0.18215) and a conditional UNet (two resolutions,
 self-attention and cross-attention to conditioning tokens at the coarse one,
 time + pooled-token embedding added in every residual block), on the SD
@@ -114,7 +114,7 @@ class VAE(nn.Module):
 
 
 class UNet(nn.Module):
-    """ε-predictor on ``(B, 4, h, w)`` latents (h, w multiples of 2), conditioned on tokens ``(1|B, L, D)``."""
+    """ε-predictor on ``(B, z_ch, h, w)`` latents (h, w multiples of 2), conditioned on tokens ``(1|B, L, D)``."""
 
     def __init__(self, z_ch: int = 4, ch: int = 32, token_dim: int = 32):
         super().__init__()
@@ -158,24 +158,26 @@ class TinyLDM(ScheduledModule):
         token_dim: conditioning token width D.
         vae_ch, unet_ch: base channel widths.
         vae_levels: the VAE halves the resolution this many times (3: SD's 8-px latent cells).
+        latent_channels: the latent's channels (SD: 4; 8 here, so a tiny VAE keeps some texture at 8x).
 
     ``cond`` for :meth:`predict_noise` is a ``(1 or B, L, D)`` token tensor, e.g.
     ``model.tokens("photo")`` or ``model.tokens("photo", identity=sks_vector)``.
     """
 
     def __init__(self, num_identities: int = 9, token_dim: int = 32, vae_ch: int = 16, unet_ch: int = 32,
-                 num_timesteps: int = 1000, vae_levels: int = 3):
+                 num_timesteps: int = 1000, vae_levels: int = 3, latent_channels: int = 8):
         super().__init__(num_timesteps)
         self.downsample = 2 ** vae_levels
-        self.vae = VAE(vae_ch, levels=vae_levels)
-        self.unet = UNet(ch=unet_ch, token_dim=token_dim)
+        self.latent_channels = latent_channels
+        self.vae = VAE(vae_ch, z_ch=latent_channels, levels=vae_levels)
+        self.unet = UNet(z_ch=latent_channels, ch=unet_ch, token_dim=token_dim)
         self.embed = nn.Embedding(NUM_CLASS_TOKENS + num_identities, token_dim)
         nn.init.normal_(self.embed.weight, std=1.0)
         # 1 / std of the VAE latent means, set after VAE training (SD's 0.18215 plays this role)
         self.register_buffer("scale_factor", torch.tensor(1.0))
 
     def encode(self, x: Tensor) -> Tensor:
-        """``(B, 3, H, W)`` in [0, 1] -> scaled latent mean ``(B, 4, H/f, W/f)``, f = ``downsample`` (deterministic)."""
+        """``(B, 3, H, W)`` in [0, 1] -> scaled latent mean ``(B, c, H/f, W/f)``, f = ``downsample`` (deterministic)."""
         return self.vae.moments(x * 2 - 1)[0] * self.scale_factor
 
     def decode(self, z: Tensor) -> Tensor:

@@ -11,7 +11,9 @@ the learned variance (L_simple + 0.001 · L_vlb, the variance trained through
 the KL term only, as in improved DDPM), uniform timesteps, EMA weights.
 Timesteps are drawn from ``[0, t_max)`` only: every use of the purifier
 (GrIDPure t* = 10, DiffPure t* = 100, AntiPure's t ≤ t^p and t_err ≤ 2 t^p)
-lies below ``t_max = 300``, and a CPU budget is better spent there.
+lies below ``t_max = 200``, and a CPU budget is better spent there. The
+crops are augmented (90° rotations, colour-channel permutations) so that
+the few training photos cover more of what the subjects look like.
 """
 from __future__ import annotations
 
@@ -39,11 +41,11 @@ ADM_CONFIG = ADMConfig(model_channels=8, channel_mult=(1, 2, 4), num_res_blocks=
 @dataclass(frozen=True)
 class PurifierConfig:
     size: int = 32
-    steps: int = 2000
+    steps: int = 3000
     batch: int = 32
     lr: float = 2e-3
     ema: float = 0.995
-    t_max: int = 300
+    t_max: int = 200
     vlb_weight: float = 1e-3
     #: crops drawn once and cycled (with flips); more than the steps touch, so little repeats
     crops: int = 8192
@@ -80,6 +82,17 @@ def diffusion_loss(model: PixelDiffusion, x0, t, noise, vlb_weight: float):
     return mse + vlb_weight * kl, mse
 
 
+def augment(x, g: torch.Generator):
+    """Random flips, 90° rotations and colour-channel permutations, one draw per image."""
+    out = torch.empty_like(x)
+    for i in range(x.shape[0]):
+        k, flip, perm = int(torch.randint(4, (1,), generator=g)), bool(torch.rand(1, generator=g) < 0.5), \
+            torch.randperm(3, generator=g)
+        y = torch.rot90(x[i], k, (1, 2))
+        out[i] = (y.flip(-1) if flip else y)[perm]
+    return out
+
+
 def train_purifier(cfg: PurifierConfig, verbose: bool = True) -> tuple[PixelDiffusion, dict]:
     torch.manual_seed(cfg.seed)
     model = PixelDiffusion(ADMUNet(cfg.adm()))
@@ -93,8 +106,7 @@ def train_purifier(cfg: PurifierConfig, verbose: bool = True) -> tuple[PixelDiff
     running, t0 = None, time.perf_counter()
     for i in range(cfg.steps):
         idx = torch.randint(data.shape[0], (cfg.batch,), generator=g)
-        x0 = data[idx]
-        x0 = torch.where((torch.rand(cfg.batch, generator=g) < 0.5)[:, None, None, None], x0.flip(-1), x0)
+        x0 = augment(data[idx], g)
         t = torch.randint(cfg.t_max, (cfg.batch,), generator=g)
         loss, mse = diffusion_loss(model, x0, t, randn_like(x0, g), cfg.vlb_weight)
         opt.zero_grad(set_to_none=True)

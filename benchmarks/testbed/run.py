@@ -1,7 +1,10 @@
 """Testbed v2: protect -> purify (pixel DDPM) -> LoRA-customize (separate LDM) -> sample -> score, at 64 px.
 
-One command trains (or loads) both models and runs every (subject, budget)
-job, two at a time on two cores::
+One command trains (or loads) both models, then runs three phases, each
+spread over the workers (one torch thread each): protect every (subject,
+budget); purify every image in two equal batches (GrIDPure dominates the
+cost, so it is balanced by image count, not by job); customize and score
+every (subject, budget)::
 
     python -m benchmarks.testbed.run                  # full run, writes benchmarks/testbed/results/
     python -m benchmarks.testbed.run --quick          # minutes; a plumbing check, numbers meaningless
@@ -21,7 +24,7 @@ from pathlib import Path
 import torch
 
 from .data import SUBJECTS, subject_views
-from .experiment import METHODS, PURIFIERS, Settings, run_job
+from .experiment import METHODS, PURIFIERS, Settings, protect_job, purify_all, score_job
 from .purifier import PurifierConfig, build_purifier
 from .report import aggregate, curve_figure, example_figure, write_results
 from .train import CACHE_DIR, MODELS_DIR, TrainConfig, build_model
@@ -46,17 +49,76 @@ def _train_one(which: str, cfg, models_dir: str) -> dict:
     return build(cfg, cache_dir=models_dir)[1]
 
 
-def _job(args) -> tuple[list[dict], dict, float]:
-    subject_idx, s, train, pur, models_dir = args
+def _worker_models(train, pur, models_dir):
     torch.set_num_threads(1)
-    t0 = time.process_time()
     ldm, _, adm, _ = load_models(train, pur, Path(models_dir), verbose=False)
-    name = list(SUBJECTS)[subject_idx]
-    views = subject_views(name, n=2 * s.num_photos)
-    photos, set_a = views[:s.num_photos], views[s.num_photos:]
-    log = lambda msg: print(f"[{name} η={s.eta * 255:.0f}] {msg.strip()}", flush=True)  # noqa: E731
-    rows, examples = run_job(ldm, adm, photos, set_a, subject_idx, s, log=log)
+    return ldm, adm
+
+
+def _views(subject_idx: int, s: Settings):
+    views = subject_views(list(SUBJECTS)[subject_idx], n=2 * s.num_photos)
+    return views[:s.num_photos], views[s.num_photos:]  # set B (protected), set A (ASPL/SimAC's clean set)
+
+
+def _log(subject_idx: int, s: Settings):
+    tag = f"[{list(SUBJECTS)[subject_idx]} η={s.eta * 255:.0f}]"
+    return lambda msg: print(f"{tag} {msg.strip()}", flush=True)
+
+
+def _protect(args):
+    subject_idx, s, train, pur, models_dir = args
+    t0 = time.process_time()
+    ldm, adm = _worker_models(train, pur, models_dir)
+    photos, set_a = _views(subject_idx, s)
+    protected, seconds = protect_job(ldm, adm, photos, set_a, subject_idx, s, _log(subject_idx, s))
+    return protected, seconds, time.process_time() - t0
+
+
+def _purify(args):
+    k, images, s, train, pur, models_dir = args
+    t0 = time.process_time()
+    ldm, adm = _worker_models(train, pur, models_dir)
+    out = purify_all(images, ldm, adm, s, seed=s.seed + 500_000 + k,
+                     log=lambda m: print(f"[purify batch {k}] {m.strip()}", flush=True))
+    return out, time.process_time() - t0
+
+
+def _score(args):
+    subject_idx, s, train, pur, models_dir, protected, purified, seconds = args
+    t0 = time.process_time()
+    ldm, _ = _worker_models(train, pur, models_dir)
+    photos, _ = _views(subject_idx, s)
+    rows, examples = score_job(ldm, photos, subject_idx, s, protected, purified, seconds, _log(subject_idx, s))
     return rows, examples, time.process_time() - t0
+
+
+def purify_jobs(protected: list[dict], jobs: list[tuple], pool, s: Settings, common: tuple) -> tuple[list[dict], float]:
+    """Purify the clean photos of each subject (once, twice over: ``clean`` and ``none``) and every protected
+    set, in two batches of equal size; returns, per job, ``{column: {'clean'|method: images}}``, and the CPU seconds."""
+    groups, keys = [], []
+    for j, (job, prot) in enumerate(zip(jobs, protected)):
+        subj = job[0]
+        first = next(i for i, other in enumerate(jobs) if other[0] == subj)
+        for name in ["clean", *job[1].methods]:
+            if name in ("clean", "none") and first != j:
+                continue  # the clean photos do not depend on the budget: purified once per subject
+            groups.append(prot["none"] if name == "clean" else prot[name])
+            keys.append((subj, None if name in ("clean", "none") else j, name))
+    images = torch.cat(groups)
+    n = groups[0].shape[0]
+    half = (len(groups) + 1) // 2 * n
+    batches = [images[:half], images[half:]]
+    results = pool.map(_purify, [(k, b, s, *common) for k, b in enumerate(batches)], chunksize=1)
+    merged = {col: torch.cat([r[0][col] for r in results]) for col in results[0][0]}
+    out = []
+    for j, job in enumerate(jobs):
+        per = {}
+        for col, imgs in merged.items():
+            chunks = imgs.split(n)
+            per[col] = {name: chunks[keys.index((job[0], None if name in ("clean", "none") else j, name))]
+                        for name in ["clean", *job[1].methods]}
+        out.append(per)
+    return out, sum(r[1] for r in results)
 
 
 def main(argv=None) -> list[Path]:
@@ -83,7 +145,7 @@ def main(argv=None) -> list[Path]:
         s.purifiers = tuple(a.purifiers)
     for kv in a.set:
         key, value = kv.split("=", 1)
-        if not hasattr(s, key) or key in ("methods", "purifiers", "extra"):
+        if not hasattr(s, key) or key in ("methods", "purifiers"):
             raise SystemExit(f"--set: unknown setting {key!r}")
         old = getattr(s, key)
         setattr(s, key, (value.lower() in ("1", "true", "yes")) if isinstance(old, bool) else type(old)(value))
@@ -103,22 +165,32 @@ def main(argv=None) -> list[Path]:
                  else f"trained in {time.perf_counter() - t_start:.0f} s"))
     print(models, flush=True)
 
-    jobs = [(list(SUBJECTS).index(subj), replace(s, eta=eta / 255), train, pur, str(models_dir))
-            for eta in a.eta for subj in subjects]
+    common = (train, pur, str(models_dir))
+    jobs = [(list(SUBJECTS).index(subj), replace(s, eta=eta / 255)) for eta in a.eta for subj in subjects]
     with ctx.Pool(min(workers, len(jobs))) as pool:
-        results = pool.map(_job, jobs, chunksize=1)
+        prot = pool.map(_protect, [(*job, *common) for job in jobs], chunksize=1)
+        print(f"protected in {time.perf_counter() - t_start:.0f} s", flush=True)
+        purified, cpu_purify = purify_jobs([p[0] for p in prot], jobs, pool, s, common)
+        print(f"purified in {time.perf_counter() - t_start:.0f} s", flush=True)
+        results = pool.map(_score, [(*job, *common, p[0], pur_, p[1]) for job, p, pur_ in zip(jobs, prot, purified)],
+                           chunksize=1)
     rows = [r for res in results for r in res[0]]
-    cpu = sum(res[2] for res in results)
+    cpu = sum(res[2] for res in results) + sum(p[2] for p in prot) + cpu_purify
     meta = {"models": models, "seconds": time.perf_counter() - t_start, "cpu_seconds": cpu,
             "machine": f"{platform.processor() or platform.machine()}, torch {torch.__version__}, "
                        f"{workers} worker(s) x 1 thread"}
     written = write_results(out_dir, a.tag, rows, s, meta, a.eta)
+    # everything the figures need, so they can be redrawn without re-running (cache/ is not committed)
+    CACHE_DIR.mkdir(parents=True, exist_ok=True)
+    torch.save({"rows": rows, "examples": [r[1] for r in results], "jobs": [(j[0], j[1].eta) for j in jobs]},
+               CACHE_DIR / f"{a.tag}_last_run.pt")
     agg = aggregate(rows)
-    for eta, (_, examples, _) in zip([j[1].eta for j in jobs], results):
-        e = round(eta * 255)
-        png = out_dir / f"{a.tag}_eta{e}_examples.png"
-        if not png.exists() or png.stat().st_mtime < t_start:  # the first subject's examples per budget
-            written.append(example_figure(examples, s.methods, png))
+    drawn = set()
+    for (_, js), (_, examples, _) in zip(jobs, results):
+        e = round(js.eta * 255)
+        if e not in drawn:  # the first subject's examples per budget
+            drawn.add(e)
+            written.append(example_figure(examples, s.methods, out_dir / f"{a.tag}_eta{e}_examples.png"))
     if s.curve and "gridpure" in s.purifiers:
         for eta in a.eta:
             written.append(curve_figure(agg, eta, s.methods, out_dir / f"{a.tag}_eta{eta}_curve.png"))

@@ -39,11 +39,11 @@ class TrainConfig:
     size: int = 64
     #: crops drawn once for both stages
     crops: int = 4096
-    vae_steps: int = 1500
+    vae_steps: int = 2000
     vae_batch: int = 16
     #: random crop side for VAE training (the VAE has no normalisation layers, so crops are valid inputs)
     vae_crop: int = 32
-    vae_lr: float = 2e-3
+    vae_lr: float = 1e-3
     kl_weight: float = 1e-4
     #: weight of the round-trip term |D(E(sg(D(E(x))))) - x|², which keeps repeated purification from drifting
     vae_roundtrip: float = 1.0
@@ -55,6 +55,7 @@ class TrainConfig:
     p_drop_all: float = 0.1
     vae_ch: int = 16
     vae_levels: int = 3
+    latent_channels: int = 8
     unet_ch: int = 32
     token_dim: int = 32
     seed: int = 0
@@ -97,6 +98,7 @@ def train_vae(model: TinyLDM, x: torch.Tensor, cfg: TrainConfig, verbose: bool =
             loss = loss + cfg.vae_roundtrip * F.mse_loss(again, xb)
         opt.zero_grad(set_to_none=True)
         loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.vae.parameters(), 1.0)  # no norm layers: keep early steps stable
         opt.step()
         sched.step()
         if i % 250 == 0 or i == cfg.vae_steps - 1:
@@ -165,7 +167,7 @@ def build_model(cfg: TrainConfig, cache_dir: Path | str | None = MODELS_DIR, ver
 
     torch.manual_seed(cfg.seed)
     model = TinyLDM(num_identities=len(TRAIN_SOURCES), token_dim=cfg.token_dim, vae_ch=cfg.vae_ch,
-                    unet_ch=cfg.unet_ch, vae_levels=cfg.vae_levels)
+                    unet_ch=cfg.unet_ch, vae_levels=cfg.vae_levels, latent_channels=cfg.latent_channels)
     path = info_path = None
     if cache_dir is not None:
         path = Path(cache_dir) / f"tinyldm-{cfg.size}px-{cfg.key()}.safetensors"

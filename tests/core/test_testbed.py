@@ -54,7 +54,7 @@ def test_ldm_has_sd_like_8px_latent_cells(ldm):
     assert isinstance(ldm, DiffusionModel) and ldm.downsample == 8
     x = smooth_image(2, 64, 64)
     z = ldm.encode(x)
-    assert z.shape == (2, 4, 8, 8)
+    assert z.shape == (2, ldm.latent_channels, 8, 8) == (2, 8, 8, 8)
     assert ldm.decode(z).shape == (2, 3, 64, 64)
     cond = ldm.tokens("photo", identity=ldm.rare_token(0))
     assert cond.shape == (1, 2, 8)
