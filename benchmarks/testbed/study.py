@@ -5,8 +5,8 @@ testbed's default (t^p = 10, λ₁ = λ₂ = 0.5, s = 8, t_err = t + t^p, all wi
 50 PGD steps) and runs the same pipeline as :mod:`.run`, limited to the
 ``none`` and ``gridpure`` (2 × 20) columns::
 
-    python -m benchmarks.testbed.study                 # writes results/study_eta8.md / .csv
-    python -m benchmarks.testbed.study --eta 16
+    python -m benchmarks.testbed.study                 # η = 16/255: writes results/study_eta16.md / .csv
+    python -m benchmarks.testbed.study --eta 8
 """
 from __future__ import annotations
 
@@ -86,7 +86,7 @@ def write_study(out_dir: Path, tag: str, rows: list[dict], s: Settings, variants
 def main(argv=None) -> Path:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--quick", action="store_true")
-    ap.add_argument("--eta", type=int, default=8)
+    ap.add_argument("--eta", type=int, default=16, help="budget in 1/255 (default 16)")
     ap.add_argument("--subjects", nargs="+", choices=list(SUBJECTS))
     ap.add_argument("--variants", nargs="+", choices=list(VARIANTS), help="default: all")
     ap.add_argument("--baselines", nargs="*", default=["aspl", "photoguard"], help="baselines run alongside")

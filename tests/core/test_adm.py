@@ -46,7 +46,9 @@ def test_reproduces_guided_diffusion_p_mean_variance(reference):
         eps, log_var = model.predict_noise_and_log_variance(x, t)
         x0 = predict_x0(model, x, t, eps).clamp(-1, 1)
         mean = model.posterior_mean(x0, x, t)
-    assert torch.allclose(x0, d["pred_xstart"], atol=1e-5, rtol=0)
+    # x̂₀ divides by √ᾱ_t: the UNet's float rounding (~1e-6, CPU-dependent) grows 16× at t = 740
+    tol = 1e-5 * model.alphas_cumprod[t].rsqrt().float().view(-1, 1, 1, 1)
+    assert ((x0 - d["pred_xstart"]).abs() <= tol).all()
     assert torch.allclose(mean, d["p_mean"], atol=1e-5, rtol=0)
     assert torch.allclose(log_var, d["p_log_variance"], atol=1e-5, rtol=0)
 

@@ -158,3 +158,19 @@ def test_comparison_pairs_by_subject():
     (entry,) = report.comparison(agg, rows, 8, ["gridpure"], "sample_gain")
     assert entry["best_baseline"] == "advdm" and entry["antipure_ahead"] == "1/2"
     assert entry["antipure_minus_best"].startswith("-0.050")
+
+
+def test_committed_models_match_the_configs_and_work():
+    """The models in benchmarks/testbed/models are the ones the default configs load, so a reader skips training."""
+    from benchmarks.testbed.purifier import build_purifier, denoise_psnr
+    from benchmarks.testbed.train import MODELS_DIR, build_model
+
+    adm, adm_info = build_purifier(PurifierConfig(), MODELS_DIR, verbose=False)
+    ldm, ldm_info = build_model(TrainConfig(), MODELS_DIR, verbose=False)
+    assert adm_info["cached"] and ldm_info["cached"], "retrain: python -m benchmarks.testbed.run, then commit models/"
+    got = denoise_psnr(adm, n=16)
+    assert got["denoised_db"] > got["noisy_db"] + 3  # a trained denoiser, not random weights
+    x = data.subject_views("coffee", n=2)
+    with torch.no_grad():
+        recon = ldm.decode(ldm.encode(x))
+    assert float(-10 * torch.log10((recon.clamp(0, 1) - x).square().mean())) > 15
