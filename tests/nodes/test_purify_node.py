@@ -28,6 +28,11 @@ def purify(host):
 
 
 @pytest.fixture(scope="module")
+def purify_host(host):
+    return host.pack_import("nodes.purify_host")
+
+
+@pytest.fixture(scope="module")
 def input_image(tmp_path_factory):
     """Write test PNGs into the host's input folder; returns a function (w, h, seed) -> file name."""
     folder = tmp_path_factory.mktemp("purify_input")
@@ -99,32 +104,32 @@ def check_output(result, node, shape) -> torch.Tensor:
     ("euler", "normal"), ("dpmpp_2m", "karras"), ("uni_pc", "exponential"), ("euler", "simple"),
     ("ddim", "ddim_uniform"), ("heun", "beta"), ("lcm", "sgm_uniform"),
 ])
-def test_purification_sigmas_start_at_t_star(purify, tiny_model, sampler_name, scheduler):
+def test_purification_sigmas_start_at_t_star(purify_host, tiny_model, sampler_name, scheduler):
     model = tiny_model("sd15")[0]
     ms = model.get_model_object("model_sampling")
     for t, steps in ((100, 10), (600, 4)):
-        s = purify.purification_sigmas(model, sampler_name, scheduler, steps, t)
+        s = purify_host.purification_sigmas(model, sampler_name, scheduler, steps, t)
         assert s.dtype == torch.float32 and s.ndim == 1
         assert float(s[0]) == pytest.approx(float(ms.sigma(torch.tensor(float(t)))), rel=1e-6)
         assert float(s[-1]) == 0.0 and (s[1:] < s[:-1]).all()
         assert len(s) - 1 == steps
     # the interior levels are the scheduler's own: the tail of one host schedule
     ks = comfy.samplers.KSampler(model, steps=1, device="cpu", sampler=sampler_name, scheduler=scheduler)
-    s = purify.purification_sigmas(model, sampler_name, scheduler, 10, 100)
+    s = purify_host.purification_sigmas(model, sampler_name, scheduler, 10, 100)
     assert any(torch.equal(torch.unique_consecutive(ks.calculate_sigmas(n).float())[-10:], s[1:])
                for n in range(10, 400))
 
 
-def test_purification_sigmas_discrete_schedule_gives_fewer_steps(purify, tiny_model):
+def test_purification_sigmas_discrete_schedule_gives_fewer_steps(purify_host, tiny_model):
     model = tiny_model("sd15")[0]
     sigmas = model.get_model_object("model_sampling").sigmas
-    s = purify.purification_sigmas(model, "euler", "simple", 20, 5)
+    s = purify_host.purification_sigmas(model, "euler", "simple", 20, 5)
     # "simple" uses the model's discrete levels: only timesteps 4..0 lie below t = 5, then 0
     assert len(s) - 1 == 6 and float(s[-1]) == 0
     torch.testing.assert_close(s[1:-1], sigmas[:5].flip(0).float())
 
 
-def test_one_euler_step_is_the_one_step_x0_estimate(purify, host, tiny_model, encode_text):
+def test_one_euler_step_is_the_one_step_x0_estimate(purify_host, host, tiny_model, encode_text):
     """Known answer: one Euler step from sigma(t) to 0 lands on the model's x0 estimate at t."""
     bridge = host.pack_import("nodes.bridge")
     diffusion = host.pack_import("antipure_core.diffusion")
@@ -134,7 +139,7 @@ def test_one_euler_step_is_the_one_step_x0_estimate(purify, host, tiny_model, en
     z_t = torch.randn(2, 4, 5, 6, generator=torch.Generator().manual_seed(0))
     seen = []
     with torch.inference_mode():
-        denoise = purify.host_denoiser(model, positive, purify.zeroed(positive), "euler", "normal", 1, 1.0, 0)
+        denoise = purify_host.host_denoiser(model, positive, purify_host.zeroed(positive), "euler", "normal", 1, 1.0, 0)
         z0 = denoise(z_t, t, seen.append)
         with bridge.session(model, vae, positive) as dm:
             expected = diffusion.predict_x0(dm, z_t, t, dm.predict_noise(z_t, t, dm.cond)).cpu()
