@@ -133,12 +133,10 @@ def protect_photos(name: str, ldm, adm, photos: Tensor, set_a: Tensor, cond, s: 
             remove_lora(ldm.unet)
             ldm.requires_grad_(False)
     if target == "purifier":
-        kw.setdefault("frequency", FrequencyGuidance(weight=s.pfg_weight, patch_size=s.pfg_patch))
-        kw.setdefault("timestep", TimestepGuidance(weight=s.etg_weight, rule=s.etg_rule))
-        if s.pfg_weight == 0:
-            kw["frequency"] = None
-        if s.etg_weight == 0:
-            kw["timestep"] = None
+        # a zero weight means the term is off, as in the noPFG / noETG entries
+        kw.setdefault("frequency", FrequencyGuidance(weight=s.pfg_weight, patch_size=s.pfg_patch)
+                      if s.pfg_weight else None)
+        kw.setdefault("timestep", TimestepGuidance(weight=s.etg_weight, rule=s.etg_rule) if s.etg_weight else None)
         return protect(adm, photos, None, eta=s.eta, alpha=alpha(s), steps=s.pgd_steps, seed=seed,
                        t_purify=s.t_purify, window=s.window, stride=s.stride, window_mode=s.window_mode, **kw)
     return protect(ldm, photos, cond, eta=s.eta, alpha=alpha(s), steps=s.pgd_steps, seed=seed, **kw)

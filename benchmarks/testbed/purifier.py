@@ -18,10 +18,8 @@ the few training photos cover more of what the subjects look like.
 from __future__ import annotations
 
 import copy
-import hashlib
-import json
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 import torch
@@ -32,6 +30,7 @@ from antipure_core.diffusion import gather, predict_x0, q_sample, randn_like
 from antipure_core.pixel_diffusion import PixelDiffusion
 
 from .data import training_crops
+from .weights import load_cached, save_cached, weights_path
 
 #: 8 channels at 32 px, 16 at 16 px, 32 at 8 px (attention there), learned variance: 0.18 M parameters
 ADM_CONFIG = ADMConfig(model_channels=8, channel_mult=(1, 2, 4), num_res_blocks=1, attention_ds=(4,),
@@ -52,11 +51,7 @@ class PurifierConfig:
     model_channels: int = ADM_CONFIG.model_channels
     seed: int = 0
 
-    def key(self) -> str:
-        return hashlib.sha1(json.dumps(asdict(self), sort_keys=True).encode()).hexdigest()[:10]
-
     def adm(self) -> ADMConfig:
-        from dataclasses import replace
         return replace(ADM_CONFIG, model_channels=self.model_channels)
 
 
@@ -141,29 +136,19 @@ def denoise_psnr(model: PixelDiffusion, t: int = 9, n: int = 64, seed: int = 1) 
 def build_purifier(cfg: PurifierConfig, cache_dir: Path | str | None, verbose: bool = True,
                    force: bool = False) -> tuple[PixelDiffusion, dict]:
     """The trained purifier (frozen, eval mode) and its training info; trains and caches on first use."""
-    from safetensors.torch import load_file, save_file
-
-    path = info_path = None
-    if cache_dir is not None:
-        path = Path(cache_dir) / f"purifier-adm-{cfg.size}px-{cfg.key()}.safetensors"
-        info_path = path.with_suffix(".json")
-    if path is not None and path.exists() and not force:
-        model = PixelDiffusion(ADMUNet(cfg.adm()))
-        model.unet.load_state_dict(load_file(str(path)))
-        info = json.loads(info_path.read_text()) if info_path.exists() else {}
-        info["cached"] = True
+    path = weights_path(cache_dir, f"purifier-adm-{cfg.size}px", cfg)
+    model = PixelDiffusion(ADMUNet(cfg.adm()))
+    info = None if force else load_cached(model.unet, path)
+    if info is not None:
         if verbose:
             print(f"loaded cached purifier {path.name}", flush=True)
         return model.eval().requires_grad_(False), info
     if verbose:
-        n = sum(p.numel() for p in ADMUNet(cfg.adm()).parameters())
+        n = sum(p.numel() for p in model.unet.parameters())
         print(f"training the pixel purifier (ADM, {n / 1e6:.2f} M parameters) at {cfg.size} px", flush=True)
     model, info = train_purifier(cfg, verbose)
     info["psnr_at_t10"] = denoise_psnr(model)
     info["config"] = asdict(cfg)
-    if path is not None:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        save_file({k: v.contiguous() for k, v in model.unet.state_dict().items()}, str(path))
-        info_path.write_text(json.dumps(info, indent=1))
+    save_cached(model.unet, info, path)
     info["cached"] = False
     return model, info

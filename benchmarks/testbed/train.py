@@ -14,8 +14,6 @@ Run ``python -m benchmarks.testbed.train`` to (re)train and print timings.
 from __future__ import annotations
 
 import argparse
-import hashlib
-import json
 import math
 import time
 from dataclasses import asdict, dataclass
@@ -28,6 +26,7 @@ from antipure_core.diffusion import q_sample, randn_like, sample_timesteps
 
 from .data import TRAIN_SOURCES, training_crops
 from .model import CLASS_TOKENS, NUM_CLASS_TOKENS, TinyLDM
+from .weights import load_cached, save_cached, weights_path
 
 #: trained weights a reader reproduces the tables with (committed, < 20 MB together)
 MODELS_DIR = Path(__file__).resolve().parent / "models"
@@ -59,9 +58,6 @@ class TrainConfig:
     unet_ch: int = 32
     token_dim: int = 32
     seed: int = 0
-
-    def key(self) -> str:
-        return hashlib.sha1(json.dumps(asdict(self), sort_keys=True).encode()).hexdigest()[:10]
 
 
 def load_training_set(cfg: "TrainConfig") -> tuple[torch.Tensor, torch.Tensor]:
@@ -163,19 +159,12 @@ def train_unet(model: TinyLDM, x: torch.Tensor, labels: torch.Tensor, cfg: Train
 def build_model(cfg: TrainConfig, cache_dir: Path | str | None = MODELS_DIR, verbose: bool = True,
                 force: bool = False) -> tuple[TinyLDM, dict]:
     """The trained testbed model (frozen, eval mode) and its training info; trains and caches on first use."""
-    from safetensors.torch import load_file, save_file
-
     torch.manual_seed(cfg.seed)
     model = TinyLDM(num_identities=len(TRAIN_SOURCES), token_dim=cfg.token_dim, vae_ch=cfg.vae_ch,
                     unet_ch=cfg.unet_ch, vae_levels=cfg.vae_levels, latent_channels=cfg.latent_channels)
-    path = info_path = None
-    if cache_dir is not None:
-        path = Path(cache_dir) / f"tinyldm-{cfg.size}px-{cfg.key()}.safetensors"
-        info_path = path.with_suffix(".json")
-    if path is not None and path.exists() and not force:
-        model.load_state_dict(load_file(str(path)))
-        info = json.loads(info_path.read_text()) if info_path.exists() else {}
-        info["cached"] = True
+    path = weights_path(cache_dir, f"tinyldm-{cfg.size}px", cfg)
+    info = None if force else load_cached(model, path)
+    if info is not None:
         _log(f"loaded cached model {path.name}", verbose)
         return model.eval().requires_grad_(False), info
     x, labels = load_training_set(cfg)
@@ -189,10 +178,7 @@ def build_model(cfg: TrainConfig, cache_dir: Path | str | None = MODELS_DIR, ver
     info["unet_seconds"] = round(time.perf_counter() - t1, 1)
     info["config"] = asdict(cfg)
     _log(f"trained: {info}", verbose)
-    if path is not None:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(path))
-        info_path.write_text(json.dumps(info, indent=1))
+    save_cached(model, info, path)
     info["cached"] = False
     return model.eval().requires_grad_(False), info
 
