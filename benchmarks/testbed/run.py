@@ -95,29 +95,23 @@ def _score(args):
 def purify_jobs(protected: list[dict], jobs: list[tuple], pool, s: Settings, common: tuple) -> tuple[list[dict], float]:
     """Purify the clean photos of each subject (once, twice over: ``clean`` and ``none``) and every protected
     set, in two batches of equal size; returns, per job, ``{column: {'clean'|method: images}}``, and the CPU seconds."""
-    groups, keys = [], []
+    def key(j, name):  # the clean photos do not depend on the budget: purified once per subject
+        return (jobs[j][0], None if name in ("clean", "none") else j, name)
+
+    slot, groups = {}, []
     for j, (job, prot) in enumerate(zip(jobs, protected)):
-        subj = job[0]
-        first = next(i for i, other in enumerate(jobs) if other[0] == subj)
         for name in ["clean", *job[1].methods]:
-            if name in ("clean", "none") and first != j:
-                continue  # the clean photos do not depend on the budget: purified once per subject
-            groups.append(prot["none"] if name == "clean" else prot[name])
-            keys.append((subj, None if name in ("clean", "none") else j, name))
+            if key(j, name) not in slot:
+                slot[key(j, name)] = len(groups)
+                groups.append(prot["none"] if name == "clean" else prot[name])
     images = torch.cat(groups)
     n = groups[0].shape[0]
     half = (len(groups) + 1) // 2 * n
     batches = [images[:half], images[half:]]
     results = pool.map(_purify, [(k, b, s, *common) for k, b in enumerate(batches)], chunksize=1)
-    merged = {col: torch.cat([r[0][col] for r in results]) for col in results[0][0]}
-    out = []
-    for j, job in enumerate(jobs):
-        per = {}
-        for col, imgs in merged.items():
-            chunks = imgs.split(n)
-            per[col] = {name: chunks[keys.index((job[0], None if name in ("clean", "none") else j, name))]
-                        for name in ["clean", *job[1].methods]}
-        out.append(per)
+    chunks = {col: torch.cat([r[0][col] for r in results]).split(n) for col in results[0][0]}
+    out = [{col: {name: c[slot[key(j, name)]] for name in ["clean", *job[1].methods]} for col, c in chunks.items()}
+           for j, job in enumerate(jobs)]
     return out, sum(r[1] for r in results)
 
 

@@ -174,3 +174,29 @@ def test_committed_models_match_the_configs_and_work():
     with torch.no_grad():
         recon = ldm.decode(ldm.encode(x))
     assert float(-10 * torch.log10((recon.clamp(0, 1) - x).square().mean())) > 15
+
+
+def test_purify_jobs_routes_every_image_back_to_its_job():
+    """Two budgets x two subjects in two batches: each job gets its own protected sets, clean photos once per subject."""
+    from dataclasses import replace
+
+    from benchmarks.testbed.run import purify_jobs
+    from benchmarks.testbed.train import MODELS_DIR
+
+    class SerialPool:
+        def map(self, fn, items, chunksize=1):
+            return [fn(i) for i in items]
+
+    s = experiment.Settings(methods=("none", "random"), purifiers=("none",))
+    jobs = [(subj, replace(s, eta=eta / 255)) for eta in (8, 16) for subj in (0, 2)]
+    # every image tells where it came from: job j, method m, photo p
+    protected = [{m: torch.full((2, 3, 8, 8), 100 * j + 10 * k) + torch.arange(2.0).view(2, 1, 1, 1)
+                  for k, m in enumerate(s.methods)} for j in range(len(jobs))]
+    out, _ = purify_jobs(protected, jobs, SerialPool(), s, (TrainConfig(), PurifierConfig(), str(MODELS_DIR)))
+    assert len(out) == len(jobs)
+    for j, (subj, _) in enumerate(jobs):
+        first = next(i for i, job in enumerate(jobs) if job[0] == subj)  # the budget-free sets come from here
+        got = out[j]["none"]
+        assert torch.equal(got["random"], protected[j]["random"])
+        assert torch.equal(got["none"], protected[first]["none"])
+        assert torch.equal(got["clean"], protected[first]["none"])
