@@ -12,6 +12,11 @@ a generator of such dicts whose ``"objective"`` entries add up to the loss's.
 PGD back-propagates each part before the next one is built, so only one
 part's graph is alive at a time (for antipure: one UNet graph per purifier
 window).
+
+Every method is registered in this module, so importing it alone lists them
+all (:data:`METHODS`, in the order the node shows them). Callers read a
+method's flags (:class:`Method`: ``trains``, ``encoder``, ``guided``), not its
+name.
 """
 from __future__ import annotations
 
@@ -23,6 +28,7 @@ from torch import Tensor
 
 from .diffusion import abar_at, predict_x0, q_sample, randn_like, sample_timesteps
 from .frequency import FrequencyGuidance, pfg_loss
+from .model import check_features
 from .patterns import target_pattern
 from .timestep import TimestepGuidance, erroneous_timestep, etg_loss
 from .windows import grid_windows
@@ -68,21 +74,36 @@ class AttackContext:
 
 @dataclass(frozen=True)
 class Method:
+    """A registered attack: its loss (``None`` for ``random``) and what the loops and nodes must know about it.
+
+    Callers read the flags, never the name: a new method sets the flags that fit it.
+    """
+
     name: str
     loss: Optional[Callable[[AttackContext, Tensor, Tensor], dict]]
     description: str
     parts: Optional[Callable[[AttackContext, Tensor, Tensor], Iterator[dict]]] = None
     #: fine-tunes a copy of the model between attack steps: run by :func:`antipure_core.surrogate.protect_surrogate`
     trains: bool = False
+    #: the loss attacks a VAE encoder (a target latent): meaningless on a pixel purifier, which has none
+    encoder: bool = False
+    #: uses PFG/ETG guidance, draws t ~ U{1..t^p} (``t_purify``) instead of ``t_range``, and attacks the
+    #: purifier's windows
+    guided: bool = False
 
 
 METHODS: dict[str, Method] = {}
 
 
-def register_method(name: str, description: str, parts=None, trains: bool = False):
-    """Decorator registering ``loss`` (and optionally its ``parts``) under ``name``; a new attack is one function."""
+def register_method(name: str, description: str, parts=None, trains: bool = False, encoder: bool = False,
+                    guided: bool = False):
+    """Decorator registering ``loss`` (and optionally its ``parts``) under ``name``; a new attack is one function.
+
+    ``trains``, ``encoder``, ``guided``: the :class:`Method` flags. Registration order is the order the
+    node lists the methods in.
+    """
     def wrap(fn):
-        METHODS[name] = Method(name, fn, description, parts, trains)
+        METHODS[name] = Method(name, fn, description, parts, trains=trains, encoder=encoder, guided=guided)
         return fn
     return wrap
 
@@ -195,12 +216,13 @@ def antipure_parts(ctx: AttackContext, x_adv: Tensor, z: Tensor) -> Iterator[dic
 
 
 @register_method("antipure", "AntiPure (§1.1): L_ddpm + λ₁ e^{ᾱ_t−1} L_fre + λ₂ e^{L_err} on the purifier, "
-                             "t ~ U{1..t^p} (each guidance optional)", parts=antipure_parts)
+                             "t ~ U{1..t^p} (each guidance optional)", parts=antipure_parts, guided=True)
 def antipure_loss(ctx: AttackContext, x_adv: Tensor, z: Tensor) -> dict:
     return _sum_parts(antipure_parts(ctx, x_adv, z))
 
 
-@register_method("mist", "Mist: L_ldm plus a textural loss pulling E(x') toward a target pattern's latent")
+@register_method("mist", "Mist: L_ldm plus a textural loss pulling E(x') toward a target pattern's latent",
+                 encoder=True)
 def mist_loss(ctx: AttackContext, x_adv: Tensor, z: Tensor) -> dict:
     ldm = advdm_loss(ctx, x_adv, z)["ldm"]
     textural = _mse(z, _target_latent(ctx, ctx.options.get("target", "texture")))
@@ -208,7 +230,7 @@ def mist_loss(ctx: AttackContext, x_adv: Tensor, z: Tensor) -> dict:
     return {"objective": ldm - w * textural, "ldm": ldm, "textural": textural}
 
 
-@register_method("photoguard", "PhotoGuard encoder attack: pull E(x') toward a target latent")
+@register_method("photoguard", "PhotoGuard encoder attack: pull E(x') toward a target latent", encoder=True)
 def photoguard_loss(ctx: AttackContext, x_adv: Tensor, z: Tensor) -> dict:
     dist = _mse(z, _target_latent(ctx, ctx.options.get("target", "gray")))
     return {"objective": -dist, "encoder_distance": dist}
@@ -225,3 +247,52 @@ def sds_loss(ctx: AttackContext, x_adv: Tensor, z: Tensor) -> dict:
 
 
 METHODS["random"] = Method("random", None, "Uniform noise U[-η, η] at the same budget (no optimisation)")
+
+
+# --- methods that fine-tune a surrogate between attack steps (run by surrogate.protect_surrogate) ---------------
+
+register_method("aspl", "Anti-DreamBooth ASPL: PGD on L_ldm against a surrogate re-trained on clean images every "
+                "outer iteration, the model trained on the protected ones", trains=True)(advdm_loss)
+register_method("fsmg", "Anti-DreamBooth FSMG: fine-tune once on clean images, then PGD on L_ldm against the fixed "
+                "model", trains=True)(advdm_loss)
+
+
+@register_method("simac", "SimAC: ASPL with per-image timestep intervals found by a greedy search, plus a "
+                 "feature-interference term", trains=True)
+def simac_loss(ctx: AttackContext, x_adv: Tensor, z: Tensor) -> dict:
+    """SimAC's PGD objective: the denoising loss at each image's own kept timesteps, plus feature interference.
+
+    ``ctx.options``: ``kept_timesteps`` (list of ``(n_b,)`` integer tensors, one per image, from
+    :func:`~antipure_core.timestep_search.search_timesteps`; default the whole ``[t_lo, t_hi]``),
+    ``feature_weight`` (w >= 0).
+
+    Feature interference: ``w * mean_k MSE(F_k(z_t'), F_k(z_t))`` over the ResBlock features ``F_k``
+    of the noise predictor's last up-block (``model.predict_noise_features``), between the perturbed
+    latent and the clean one noised with the same ``t`` and noise. The gradient flows through the
+    perturbed branch. Note: the released SimAC code adds this term as a detached constant
+    (``loss + target_loss.detach().item()``), so there it changes no gradient; ``w = 0`` reproduces
+    that exactly. Its reference is the clean image here; the released code takes the images as they
+    were at the start of each outer iteration.
+    """
+    model = ctx.model
+    kept = ctx.options.get("kept_timesteps")
+    if kept is None:
+        t = torch.randint(ctx.t_lo, ctx.t_hi + 1, (z.shape[0],), generator=ctx.generator)
+    else:
+        t = torch.stack([k[torch.randint(k.shape[0], (1,), generator=ctx.generator)][0] for k in kept])
+    t = t.to(z.device)
+    noise = randn_like(z, ctx.generator)
+    z_t = q_sample(model, z, t, noise)
+    w = float(ctx.options.get("feature_weight", 0.0))
+    if w <= 0:
+        ldm = _mse(model.predict_noise(z_t, t, ctx.cond), noise)
+        return {"objective": ldm, "ldm": ldm}
+    check_features(model)
+    eps, feats = model.predict_noise_features(z_t, t, ctx.cond)
+    with torch.no_grad():
+        if "clean_latent" not in ctx.cache:
+            ctx.cache["clean_latent"] = model.encode(ctx.x).detach()
+        _, ref = model.predict_noise_features(q_sample(model, ctx.cache["clean_latent"], t, noise), t, ctx.cond)
+    feature = torch.stack([_mse(f, r) for f, r in zip(feats, ref)]).mean(0)
+    ldm = _mse(eps, noise)
+    return {"objective": ldm + w * feature, "ldm": ldm, "feature": feature}

@@ -27,11 +27,11 @@ from .image import check_image, crop_to, pad_to_multiple
 from .model import check_model
 from .purify_filters import (check_int, check_number, gaussian_blur, gaussian_noise, jpeg, noisy_upscale,
                              resize_down_up)
-from .windows import grid_windows, window_boxes
+from .windows import Windows, grid_windows, window_boxes
 
 __all__ = ["diffpure", "purification_timestep", "noise_latent", "ddim_timesteps", "ddim_denoise", "gridpure",
            "window_boxes", "impress", "jpeg", "gaussian_blur", "resize_down_up", "gaussian_noise",
-           "noisy_upscale", "Purifier", "PURIFIERS", "get_purifier"]
+           "noisy_upscale", "Purifier", "PURIFIERS", "get_purifier", "diffpure_window"]
 
 #: ``denoise_fn(z_t, t (B,), callback) -> z0``: replaces the DDIM loop (a node passes the host's sampler)
 DenoiseFn = Callable[[Tensor, Tensor, Callback], Tensor]
@@ -105,11 +105,21 @@ def diffpure(model, x: Tensor, cond: Any, t_star: float = 0.1, steps: int = 20,
     Returns:
         ``(B, 3, H, W)`` in [0, 1].
     """
-    check_model(model)
     check_image(x, "image")
+    return diffpure_window(model, cond, t_star, steps, generator, callback, denoise_fn)(x)
+
+
+def diffpure_window(model, cond: Any, t_star: float = 0.1, steps: int = 20,
+                    generator: Optional[torch.Generator] = None, callback: Callback = None,
+                    denoise_fn: Optional[DenoiseFn] = None) -> Callable[[Tensor], Tensor]:
+    """:func:`diffpure` as a ``purify_window`` for :func:`gridpure`: the settings are checked once here, and
+    the returned function does no checks (and no device synchronisation) per window."""
+    check_model(model)
     t_start = purification_timestep(model, t_star)
     check_int(steps, "steps", 1)
-    with torch.no_grad():
+
+    @torch.no_grad()
+    def purify(x: Tensor) -> Tensor:
         xp, size = pad_to_multiple(x.to(model.device), model.downsample)
         z_t, t = noise_latent(model, model.encode(xp), t_star, generator)
         if denoise_fn is None:
@@ -117,7 +127,8 @@ def diffpure(model, x: Tensor, cond: Any, t_star: float = 0.1, steps: int = 20,
         else:
             z0 = denoise_fn(z_t, t, callback)
         out = crop_to(model.decode(z0), size).clamp(0, 1)
-    return out.to(device=x.device, dtype=x.dtype)
+        return out.to(device=x.device, dtype=x.dtype)
+    return purify
 
 
 # --- GrIDPure ---------------------------------------------------------------------------------------------------
@@ -165,6 +176,16 @@ def gridpure(x: Tensor, purify_window: Callable[[Tensor], Tensor], window: int =
     check_int(iterations, "iterations", 1)
     check_number(gamma, "gamma", lo=0, hi=1)
     layout = grid_windows(tuple(x.shape[-2:]), window, stride, pack_corners)
+    return _gridpure(x, purify_window, layout, iterations, gamma, callback)
+
+
+def _gridpure(x: Tensor, purify_window: Callable[[Tensor], Tensor], layout: Windows, iterations: int,
+              gamma: float, callback: Callback = None) -> Tensor:
+    """:func:`gridpure`'s loop on trusted inputs: ``x`` ``(B, 3, H, W)`` in [0, 1] cut by ``layout``.
+
+    For callers that checked their arguments once already (e.g.
+    :func:`~antipure_core.purify_pixel.pixel_gridpure` running several rounds).
+    """
     total = iterations * layout.count
     cur, k = x, 0
     with torch.no_grad():

@@ -30,7 +30,7 @@ from .callbacks import Callback, report
 from .diffusion import predict_x0, q_sample, randn_like
 from .image import check_image
 from .model import check_model
-from .purify import gridpure
+from .purify import _gridpure
 from .purify_filters import check_int, check_number, resample
 from .windows import check_window_fits, grid_windows
 
@@ -129,6 +129,13 @@ def pixel_diffpure(model, x: Tensor, t_star: int = 100, size: Optional[int] = No
     check_int(t_star, "t_star", 1, model.num_timesteps)
     if size is not None:
         check_int(size, "size", MIN_SIDE)
+    return _diffpure(model, x, t_star, size, generator, callback)
+
+
+def _diffpure(model, x: Tensor, t_star: int, size: Optional[int], generator: Optional[torch.Generator],
+              callback: Callback) -> Tensor:
+    """:func:`pixel_diffpure` on trusted inputs: GrIDPure calls it per window, where checking each window again
+    (``check_image`` synchronises with the device) would only repeat the check of the whole image."""
     with torch.no_grad():
         xin = x.to(device=model.device, dtype=torch.float32)
         if size is not None:
@@ -174,7 +181,8 @@ def pixel_gridpure(model, x: Tensor, t_star: int = GRIDPURE.t_star, window: int 
     check_int(iterations, "iterations", 1)
     check_number(gamma, "gamma", lo=0, hi=1)
     check_int(rounds, "rounds", 1)
-    total = rounds * iterations * grid_windows(tuple(x.shape[-2:]), window, stride).count * t_star
+    layout = grid_windows(tuple(x.shape[-2:]), window, stride)
+    total = rounds * iterations * layout.count * t_star
     k = 0
 
     def step(info) -> None:
@@ -184,6 +192,7 @@ def pixel_gridpure(model, x: Tensor, t_star: int = GRIDPURE.t_star, window: int 
 
     y = x.to(device=model.device, dtype=torch.float32)  # windows are cut where the model runs
     for r in range(rounds):
-        y = gridpure(y, lambda tile: pixel_diffpure(model, tile, t_star, generator=generator, callback=step),
-                     window=window, stride=stride, iterations=iterations, gamma=gamma)
+        # checked once above: each round and window runs unchecked
+        y = _gridpure(y, lambda tile: _diffpure(model, tile, t_star, None, generator, step), layout, iterations,
+                      gamma)
     return y.to(device=x.device, dtype=x.dtype)

@@ -45,25 +45,16 @@ from torch import Tensor
 from .callbacks import Callback, report
 from .customize import (PREDICTIONS, Images, Prior, _check_params, _check_prior, as_image_batch, customize,
                         encode_images)
-from .image import check_budget, check_image, crop_to, pad_to_multiple, project_linf, quantize_within_budget
-from .methods import advdm_loss, get_method, register_method
-from .model import check_features, check_model
-from .protect import _context, check_eot, pgd_step
+from .image import crop_to, pad_to_multiple
+from .model import check_features
+from .pgd import attack_context, attack_finish, check_attack, pad_multiple, pgd_step, start_point
 from .purify import ddim_denoise
-from .timestep_search import check_search, search_timesteps, simac_loss
+from .timestep_search import check_search, search_timesteps
 
 #: Anti-DreamBooth's eta = 0.05 of the [-1, 1] range, in pixel scale [0, 1] (6.375/255)
 ASPL_ETA = 0.025
 #: Anti-DreamBooth's alpha = 0.005 of the [-1, 1] range, in pixel scale [0, 1] (0.6375/255)
 ASPL_ALPHA = 0.0025
-
-register_method("aspl", "Anti-DreamBooth ASPL: PGD on L_ldm against a surrogate re-trained on clean images every "
-                "outer iteration, the model trained on the protected ones", trains=True)(advdm_loss)
-register_method("fsmg", "Anti-DreamBooth FSMG: fine-tune once on clean images, then PGD on L_ldm against the fixed "
-                "model", trains=True)(advdm_loss)
-register_method("simac", "SimAC: ASPL with per-image timestep intervals found by a greedy search, plus a "
-                "feature-interference term", trains=True)(simac_loss)
-
 
 @dataclass(frozen=True)
 class SurrogateSettings:
@@ -164,8 +155,12 @@ def plan(method: str, steps: int, settings: SurrogateSettings) -> list[tuple[str
 def inner_steps(method: str, steps: int, batch: int, settings: SurrogateSettings) -> int:
     """Inner steps :func:`protect_surrogate` reports: every training and attack step of :func:`plan`, plus
     SimAC's search rounds for ``batch`` images (an upper bound: an image's search may stop early)."""
-    search = batch * settings.search_rounds if method == "simac" else 0
-    return search + sum(n for _, _, n in plan(method, steps, settings))
+    return _search_steps(method, batch, settings) + sum(n for _, _, n in plan(method, steps, settings))
+
+
+def _search_steps(method: str, batch: int, settings: SurrogateSettings) -> int:
+    """SimAC's search rounds for ``batch`` images (the most it runs); other methods do not search."""
+    return batch * settings.search_rounds if method == "simac" else 0
 
 
 def _snapshot(params: list[Tensor]) -> list[Tensor]:
@@ -220,17 +215,13 @@ def protect_surrogate(model, x: Tensor, cond: Any, params: Iterable[Tensor], met
         Protected images, same shape as ``x``, within ``eta`` of it in every pixel (on the 8-bit grid
         with ``quantize``).
     """
-    check_model(model)
-    check_image(x, "image")
-    check_budget(eta, alpha, steps)
-    m = get_method(method)
+    m = check_attack(model, x, method, eta, alpha, steps, eot_samples)
     if not m.trains:
         raise ValueError(f"method: {method!r} trains no surrogate; use antipure_core.protect.protect "
                          "(surrogate methods: aspl, fsmg, simac)")
     if not isinstance(settings, SurrogateSettings):
         raise TypeError(f"settings: expected SurrogateSettings, got {type(settings).__name__}")
     settings.check()
-    check_eot(eot_samples)
     params = _check_params(params)
     if method == "simac" and settings.feature_weight > 0:
         check_features(model)
@@ -241,11 +232,12 @@ def protect_surrogate(model, x: Tensor, cond: Any, params: Iterable[Tensor], met
     generator = torch.Generator().manual_seed(int(seed))
     seeds = torch.Generator().manual_seed(int(seed) + 1)  # training phases: their own stream
     x0 = x.detach().to(model.device, torch.float32)
-    xp, size = pad_to_multiple(x0, model.downsample)
+    # padded now, started after SimAC's search: the search draws from the same generator first
+    xp, size = pad_to_multiple(x0, pad_multiple(model))
     options = {"feature_weight": settings.feature_weight}
-    ctx = _context(model, xp, cond, generator, method, t_range, None, None, None, options)
+    ctx = attack_context(model, xp, cond, generator, m, t_range, options=options)
     phases = plan(method, steps, settings)
-    search_total = xp.shape[0] * settings.search_rounds if method == "simac" else 0
+    search_total = _search_steps(method, xp.shape[0], settings)
     total = inner_steps(method, steps, xp.shape[0], settings)
     done = 0
 
@@ -283,10 +275,7 @@ def protect_surrogate(model, x: Tensor, cond: Any, params: Iterable[Tensor], met
                 settings.search_keep, settings.search_cut, (ctx.t_lo, ctx.t_hi), settings.prediction,
                 callback=lambda info: report(callback, **{**info, "iteration": 0}), total=total)
             done = search_total
-        delta = torch.zeros_like(xp)
-        if random_start:
-            delta = (torch.rand(xp.shape, generator=generator) * 2 - 1).to(xp.device) * eta
-        x_adv = project_linf(xp + delta, xp, eta)
+        x_adv = start_point(xp, eta, generator, random_start)
         theta = None
         for phase, k, n in phases:
             if phase == "surrogate":
@@ -308,7 +297,4 @@ def protect_surrogate(model, x: Tensor, cond: Any, params: Iterable[Tensor], met
         if restore:
             _load(params, start)
 
-    out = crop_to(x_adv.detach(), size)
-    if quantize:
-        out = quantize_within_budget(out, x0, eta)
-    return out.to(x.device, x.dtype)
+    return attack_finish(x_adv, x0, eta, quantize, like=x)

@@ -1,4 +1,4 @@
-"""SimAC's greedy per-image timestep-interval search and its attack objective.
+"""SimAC's greedy per-image timestep-interval search.
 
 SimAC (an ASPL variant) observes that the denoising loss's gradient on the
 image is large only on some timestep intervals, and that those intervals differ
@@ -9,7 +9,8 @@ the ``±cut`` steps around the lowest-scoring one and takes one PGD step at the
 highest-scoring one (on a working copy of the image; as in the released code,
 that copy only steers the search and is then discarded). The search stops when
 at most ``keep`` timesteps remain or after ``rounds`` rounds. Later PGD steps
-draw each image's ``t`` from its own kept set (:func:`simac_loss`).
+draw each image's ``t`` from its own kept set (:func:`~antipure_core.methods.simac_loss`, registered
+with the other losses).
 
 Reference settings (somuchtome/SimAC, ``attacks/time_feature.py``):
 5 candidates, cut 20, keep 100, 50 rounds, over timesteps 0...999.
@@ -24,8 +25,8 @@ from torch import Tensor
 from .callbacks import Callback, report
 from .diffusion import q_sample, randn_like
 from .image import project_linf
-from .methods import AttackContext, _mse
-from .model import check_features
+# simac_loss is re-exported: it lived here before moving to the registry with the other losses
+from .methods import _mse, simac_loss  # noqa: F401
 
 
 def _positive_int(value, name: str, hint: str, minimum: int = 1) -> None:
@@ -124,41 +125,3 @@ def search_timesteps(model, x: Tensor, cond: Any, eta: float, alpha: float, gene
                    kept=int(kept.sum()), score_max=scores[high], score_min=scores[low])
         kept_sets.append(steps[kept].clone())
     return kept_sets
-
-
-def simac_loss(ctx: AttackContext, x_adv: Tensor, z: Tensor) -> dict:
-    """SimAC's PGD objective: the denoising loss at each image's own kept timesteps, plus feature interference.
-
-    ``ctx.options``: ``kept_timesteps`` (list of ``(n_b,)`` integer tensors, one per image, from
-    :func:`search_timesteps`; default the whole ``[t_lo, t_hi]``), ``feature_weight`` (w >= 0).
-
-    Feature interference: ``w * mean_k MSE(F_k(z_t'), F_k(z_t))`` over the ResBlock features ``F_k``
-    of the noise predictor's last up-block (``model.predict_noise_features``), between the perturbed
-    latent and the clean one noised with the same ``t`` and noise. The gradient flows through the
-    perturbed branch. Note: the released SimAC code adds this term as a detached constant
-    (``loss + target_loss.detach().item()``), so there it changes no gradient; ``w = 0`` reproduces
-    that exactly. Its reference is the clean image here; the released code takes the images as they
-    were at the start of each outer iteration.
-    """
-    model = ctx.model
-    kept = ctx.options.get("kept_timesteps")
-    if kept is None:
-        t = torch.randint(ctx.t_lo, ctx.t_hi + 1, (z.shape[0],), generator=ctx.generator)
-    else:
-        t = torch.stack([k[torch.randint(k.shape[0], (1,), generator=ctx.generator)][0] for k in kept])
-    t = t.to(z.device)
-    noise = randn_like(z, ctx.generator)
-    z_t = q_sample(model, z, t, noise)
-    w = float(ctx.options.get("feature_weight", 0.0))
-    if w <= 0:
-        ldm = _mse(model.predict_noise(z_t, t, ctx.cond), noise)
-        return {"objective": ldm, "ldm": ldm}
-    check_features(model)
-    eps, feats = model.predict_noise_features(z_t, t, ctx.cond)
-    with torch.no_grad():
-        if "clean_latent" not in ctx.cache:
-            ctx.cache["clean_latent"] = model.encode(ctx.x).detach()
-        _, ref = model.predict_noise_features(q_sample(model, ctx.cache["clean_latent"], t, noise), t, ctx.cond)
-    feature = torch.stack([_mse(f, r) for f, r in zip(feats, ref)]).mean(0)
-    ldm = _mse(eps, noise)
-    return {"objective": ldm + w * feature, "ldm": ldm, "feature": feature}
