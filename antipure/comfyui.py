@@ -7,6 +7,7 @@ ComfyUI at import time.
 
 from __future__ import annotations
 
+import importlib
 import logging
 import os
 import socket
@@ -15,6 +16,7 @@ import sys
 import time
 import urllib.request
 from pathlib import Path
+from types import ModuleType
 
 from . import PACK_ROOT
 from .errors import EXIT_NO_HOST, RunnerError
@@ -89,10 +91,7 @@ async def boot_host(comfy_root: Path, cpu: bool | None = None, verbose: bool = F
             return
     if root in sys.path:
         sys.path.remove(root)
-    sys.path.insert(0, root)  # the host's nodes.py must win over this pack's nodes/ package
-    if loaded is not None and not hasattr(loaded, "NODE_CLASS_MAPPINGS"):
-        raise RunnerError(EXIT_NO_HOST, f"'nodes' is already imported from {getattr(loaded, '__file__', loaded)}, "
-                                        "not the host's nodes.py; put the ComfyUI folder first on sys.path")
+    sys.path.insert(0, root)  # the host's modules import one another by top-level name, as under main.py
     level = logging.getLogger().level
     if not verbose:  # the host warns about optional parts it cannot import (e.g. torchaudio)
         logging.getLogger().setLevel(logging.ERROR)
@@ -129,6 +128,20 @@ async def load_pack(pack_dir: Path = PACK_ROOT) -> bool:
     if str(pack_dir) in getattr(nodes, "LOADED_MODULE_DIRS", {}).values():
         return True
     return bool(await nodes.load_custom_node(str(pack_dir)))
+
+
+def pack_module_name(pack_dir: Path = PACK_ROOT) -> str:
+    """The module name the host gives a pack it loads from a folder (``nodes.load_custom_node``)."""
+    return str(pack_dir).replace(".", "_x_")
+
+
+def pack_import(name: str, pack_dir: Path = PACK_ROOT) -> ModuleType:
+    """Import ``name`` (e.g. ``"antipure_comfy.bridge"``) from the pack as the host loaded it (:func:`load_pack`
+    first), so that its modules are the very ones the running nodes use."""
+    package = pack_module_name(pack_dir)
+    if package not in sys.modules:
+        raise RunnerError(EXIT_NO_HOST, f"the pack at {pack_dir} is not loaded; call load_pack first")
+    return importlib.import_module(f"{package}.{name}")
 
 
 def add_models_dir(models_dir: str | os.PathLike) -> list[str]:

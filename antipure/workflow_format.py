@@ -431,7 +431,7 @@ def ui_to_api(workflow: dict, node_classes: Mapping[str, Any] | None = None,
         raise WorkflowError("workflow: expected the UI format (a JSON object with 'nodes' and 'links'); "
                             "save it from the ComfyUI menu with Workflow > Save")
     if node_classes is None:
-        import nodes  # the host's nodes.py: the caller has put ComfyUI first on sys.path
+        import nodes  # the host's nodes.py (the host is booted: antipure.comfyui.boot_host)
 
         node_classes = nodes.NODE_CLASS_MAPPINGS
         display_names = nodes.NODE_DISPLAY_NAME_MAPPINGS if display_names is None else display_names

@@ -48,9 +48,9 @@ AntiPure against the ADM-256 (512²: GrIDPure's ten 256-px windows per step)::
 from __future__ import annotations
 
 import argparse
+import asyncio
 import ctypes
 import importlib
-import importlib.util
 import math
 import os
 import resource
@@ -64,6 +64,8 @@ import torch
 from torch.utils.flop_counter import FlopCounterMode
 
 ROOT = Path(__file__).resolve().parents[1]
+if str(ROOT) not in sys.path:  # run as a script: the pack's headless tools import from its root
+    sys.path.append(str(ROOT))
 METHODS = ("antipure", "advdm", "mist", "photoguard", "sds")
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 # the host's attention switches (comfy/cli_args.py); "default" keeps the host's own choice
@@ -113,32 +115,23 @@ def parse_args(argv=None):
     return a
 
 
-def _import_path(name: str, path: Path, package: bool = False):
-    """Import the file (or package) at ``path`` as ``name``: the host's ``nodes``/``tests`` shadow ours."""
-    spec = importlib.util.spec_from_file_location(
-        name, path / "__init__.py" if package else path, submodule_search_locations=[str(path)] if package else None)
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[name] = module
-    spec.loader.exec_module(module)
-    return module
-
-
 def boot_host(a):
-    """Import ComfyUI with the device/attention/VAE-dtype flags set first; return the pack as a package."""
-    comfy_root = os.environ.get("COMFYUI_PATH", "/work/ComfyUI")
-    if not Path(comfy_root, "comfy").is_dir():
-        sys.exit(f"COMFYUI_PATH: no ComfyUI at {comfy_root!r}; point it at a ComfyUI checkout")
-    sys.path.insert(0, comfy_root)
-    sys.path.append(str(ROOT))  # after the host: its nodes.py must win over the pack's nodes/
-    from comfy.cli_args import args
-    args.cpu = a.device == "cpu"
+    """Import ComfyUI with the device/attention/VAE-dtype flags set first, load the pack as the host does and
+    return it (its modules are then ``<pack>.antipure_comfy.*``, the very ones the nodes use)."""
+    from antipure import comfyui
+
+    comfy_root = Path(os.environ.get("COMFYUI_PATH", "/work/ComfyUI"))
+    if not (comfy_root / "comfy").is_dir():
+        sys.exit(f"COMFYUI_PATH: no ComfyUI at {str(comfy_root)!r}; point it at a ComfyUI checkout")
+    sys.path.insert(0, str(comfy_root))
+    from comfy.cli_args import args  # the flags must be set before comfy.model_management is imported
     if ATTENTION[a.attention]:
         setattr(args, ATTENTION[a.attention], True)
     setattr(args, f"{a.dtype}_vae", True)
-    import utils.extra_config  # noqa: F401  (before comfy/ shadows the host's utils package)
-    import comfy.model_management  # noqa: F401  (reads the flags above)
-    # relative imports inside the pack resolve as in the server, which loads it as a package too
-    return _import_path("antipure_pack", ROOT, package=True)
+    asyncio.run(comfyui.boot_host(comfy_root, cpu=a.device == "cpu"))
+    if not asyncio.run(comfyui.load_pack(ROOT)):
+        sys.exit(f"the host could not load the pack at {ROOT} (see its log)")
+    return sys.modules[comfyui.pack_module_name(ROOT)]
 
 
 # --- a full-size random-weight SD1.5 through the host's loader ---------------------------------
@@ -296,7 +289,7 @@ def measure(pack, dm, bare, method: str, x, repeats: int, device: torch.device, 
     photoguard's target latent: one encoder forward without grad, once per call).
     """
     protect = importlib.import_module(f"{pack.__name__}.antipure_core.protect").protect
-    node_callback = importlib.import_module(f"{pack.__name__}.nodes.progress").host_callback(repeats + 1)
+    node_callback = importlib.import_module(f"{pack.__name__}.antipure_comfy.progress").host_callback(repeats + 1)
     census, clock, steps, bares = Census(device), Clock(device), [], []
 
     census.start()
@@ -366,7 +359,7 @@ def main_adm(a, pack, device: torch.device) -> None:
     """AntiPure against the full-size ADM-256 through the Protect node's pixel bridge."""
     from benchmarks.adm256 import BareADM, build_adm256
     windows = importlib.import_module(f"{pack.__name__}.antipure_core.windows")
-    pixel_session = importlib.import_module(f"{pack.__name__}.nodes.pixel_bridge").pixel_session
+    pixel_session = importlib.import_module(f"{pack.__name__}.antipure_comfy.pixel_bridge").pixel_session
     t0 = time.perf_counter()
     with torch.inference_mode():  # as the loader node builds it
         purifier = build_adm256(pack, DTYPES[a.dtype], device)
@@ -401,7 +394,7 @@ def main(argv=None):
     device = torch.device(a.device)
     if a.purifier == "adm":
         return main_adm(a, pack, device)
-    bridge = importlib.import_module(f"{pack.__name__}.nodes.bridge")
+    bridge = importlib.import_module(f"{pack.__name__}.antipure_comfy.bridge")
     t0 = time.perf_counter()
     with torch.inference_mode():  # the host's executor runs loaders and nodes in inference mode
         patcher, vae = load_sd15(DTYPES[a.dtype])
@@ -416,7 +409,7 @@ def main(argv=None):
           f"{patcher.model.manual_cast_dtype or patcher.model.get_dtype()}, VAE in {vae.vae_dtype}), "
           f"attention {a.attention}, checkpointing {a.checkpointing}, timed repeats {a.repeats}")
     # the Protect node's gradient_checkpointing switch: UNet blocks and VAE resnet blocks
-    checkpointing = importlib.import_module(f"{pack.__name__}.nodes.checkpointing").gradient_checkpointing
+    checkpointing = importlib.import_module(f"{pack.__name__}.antipure_comfy.checkpointing").gradient_checkpointing
     with torch.inference_mode(), checkpointing(patcher, vae, enabled=a.checkpointing), \
             bridge.session(patcher, vae, [[context, {}]]) as dm:
         print("# " + _held(device.type == "cuda"))

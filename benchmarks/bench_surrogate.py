@@ -114,13 +114,13 @@ def main(argv=None):
     if a.threads:
         torch.set_num_threads(a.threads)
     pack = boot_host(a)
-    bridge = importlib.import_module(f"{pack.__name__}.nodes.bridge")
-    lora_adapters = importlib.import_module(f"{pack.__name__}.nodes.lora_adapters")
-    host_surrogate = importlib.import_module(f"{pack.__name__}.nodes.surrogate")
+    bridge = importlib.import_module(f"{pack.__name__}.antipure_comfy.bridge")
+    lora_adapters = importlib.import_module(f"{pack.__name__}.antipure_comfy.lora_adapters")
+    host_surrogate = importlib.import_module(f"{pack.__name__}.antipure_comfy.surrogate")
     core = importlib.import_module(f"{pack.__name__}.antipure_core.surrogate")
     encode_images = importlib.import_module(f"{pack.__name__}.antipure_core.customize").encode_images
-    checkpointing = importlib.import_module(f"{pack.__name__}.nodes.checkpointing").gradient_checkpointing
-    host_callback = importlib.import_module(f"{pack.__name__}.nodes.progress").host_callback
+    checkpointing = importlib.import_module(f"{pack.__name__}.antipure_comfy.checkpointing").gradient_checkpointing
+    host_callback = importlib.import_module(f"{pack.__name__}.antipure_comfy.progress").host_callback
     device = torch.device(a.device)
     with torch.inference_mode():
         patcher, vae = load_sd15(torch.float32)

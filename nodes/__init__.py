@@ -1,5 +1,2 @@
-"""ComfyUI side of the pack: the host bridge and the node classes.
-
-Importing this package imports nothing from the host; its modules do, through
-:mod:`.comfy_host`, and only once the host loads the pack's entry point.
-"""
+"""The pack's ComfyUI node classes: a schema and a thin ``execute`` each, calling one function of
+:mod:`antipure_comfy` (the only package that imports the host)."""

@@ -3,10 +3,8 @@ from __future__ import annotations
 
 from ..antipure_core.frequency import FrequencyGuidance
 from ..antipure_core.timestep import TimestepGuidance
-from .comfy_host import io
-
-PFG = io.Custom("ANTIPURE_PFG")
-ETG = io.Custom("ANTIPURE_ETG")
+from ..antipure_comfy.comfy_host import io
+from ..antipure_comfy.io_types import ETG, PFG
 
 
 class AntiPureFrequencyGuidance(io.ComfyNode):

@@ -1,34 +1,10 @@
 """AntiPureLoadPixelDiffusion: a guided-diffusion ADM checkpoint from ``models/pixel_diffusion`` as the pack's
-pixel-space purifier (``ANTIPURE_PIXEL_DIFFUSION``, the core's :class:`PixelDiffusion`).
-
-ComfyUI has no loader for these models (its UNet has no legacy-order qkv
-attention), so the pack brings its own and its own model folder:
-``models/pixel_diffusion`` (more folders through ``extra_model_paths.yaml``
-under the key ``pixel_diffusion``). Weights are read as ``.safetensors`` or
-through ``torch.load(weights_only=True)``, never by unpickling code.
-"""
+pixel-space purifier (``ANTIPURE_PIXEL_DIFFUSION``); see :mod:`antipure_comfy.pixel_loader`."""
 from __future__ import annotations
 
-import os
-
-import torch
-
-from ..antipure_core.pixel_diffusion import load_pixel_diffusion
-from ..antipure_core.weights import WEIGHT_SUFFIXES
-from .comfy_host import folder_paths, io, model_management
-
-#: the host's model folder name (``models/pixel_diffusion``)
-FOLDER = "pixel_diffusion"
-#: the output/input type: the core's ``PixelDiffusion`` module, on the host's torch device
-PIXEL_DIFFUSION = io.Custom("ANTIPURE_PIXEL_DIFFUSION")
-DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
-
-
-def register_folder() -> list[str]:
-    """Register ``models/pixel_diffusion`` with the host (idempotent); returns the folder's paths."""
-    folder_paths.add_model_folder_path(FOLDER, os.path.join(folder_paths.models_dir, FOLDER))
-    folder_paths.folder_names_and_paths[FOLDER][1].update(WEIGHT_SUFFIXES)
-    return folder_paths.get_folder_paths(FOLDER)
+from ..antipure_comfy.comfy_host import folder_paths, io
+from ..antipure_comfy.io_types import PIXEL_DIFFUSION
+from ..antipure_comfy.pixel_loader import DTYPES, FOLDER, load_pixel_model, register_folder
 
 
 class AntiPureLoadPixelDiffusion(io.ComfyNode):
@@ -60,16 +36,4 @@ class AntiPureLoadPixelDiffusion(io.ComfyNode):
 
     @classmethod
     def execute(cls, ckpt_name, weight_dtype="fp32", num_head_channels=64) -> io.NodeOutput:
-        if weight_dtype not in DTYPES:
-            raise ValueError(f"weight_dtype: expected one of {', '.join(DTYPES)}, got {weight_dtype!r}")
-        path = folder_paths.get_full_path(FOLDER, ckpt_name)
-        if path is None:
-            raise FileNotFoundError(f"ckpt_name: {ckpt_name!r} is not in {', '.join(register_folder())}; put "
-                                    "the checkpoint (e.g. 256x256_diffusion_uncond.pt) there and refresh")
-        device = model_management.get_torch_device()
-        # outside inference mode, so the weights can take part in a backward pass (AntiPure Protect)
-        with torch.inference_mode(False):
-            model = load_pixel_diffusion(path, num_head_channels=num_head_channels, dtype=DTYPES[weight_dtype])
-            model_management.free_memory(model_management.module_size(model), device)
-            model = model.to(device)
-        return io.NodeOutput(model)
+        return io.NodeOutput(load_pixel_model(ckpt_name, weight_dtype, num_head_channels))

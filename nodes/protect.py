@@ -1,44 +1,12 @@
 """AntiPureProtect: PGD protection of an IMAGE batch against a purifier: a pixel diffusion model or the loaded checkpoint."""
 from __future__ import annotations
 
-import contextlib
-
-import torch
-
-from ..antipure_core.image import check_budget
+from ..antipure_comfy.comfy_host import io
+from ..antipure_comfy.io_types import ETG, PFG, PIXEL_DIFFUSION, SURROGATE
+from ..antipure_comfy.progress import node_id
+from ..antipure_comfy.protect import protect_images
 from ..antipure_core.methods import METHODS
-from ..antipure_core.protect import DEFAULT_T_PURIFY, protect
-from . import bridge, checkpointing
-from .comfy_host import io
-from .guidance import ETG, PFG
-from .pixel_bridge import check_pixel_purifier, pixel_session
-from .pixel_diffusion import PIXEL_DIFFUSION
-from .images import to_core, to_host
-from .progress import host_callback, node_id
-from .surrogate import SURROGATE, protect_with_surrogate
-
-
-#: the attack's window on a pixel purifier when ``window`` is 0: GrIDPure's (the ADM-256's own size)
-PIXEL_WINDOW = 256
-#: methods whose loss is an attack on a VAE encoder: meaningless on a pixel purifier
-ENCODER_METHODS = ("mist", "photoguard")
-
-
-def delta_visualisation(x_adv: torch.Tensor, x: torch.Tensor, eta: float) -> torch.Tensor:
-    """Map δ ∈ [−η, η] to [0, 1] (mid-gray = no change), so the noise is visible at full contrast."""
-    return ((x_adv - x) / (2 * eta) + 0.5).clamp(0, 1)
-
-
-@contextlib.contextmanager
-def attacked_model(purifier, model, vae, positive, gradient_checkpointing):
-    """The core model to attack: the pixel purifier if connected, else the MODEL + VAE through the bridge."""
-    if purifier is not None:
-        with pixel_session(purifier, gradient_checkpointing) as dm:
-            yield dm
-        return
-    with bridge.session(model, vae, positive) as dm, \
-            checkpointing.gradient_checkpointing(model, vae, enabled=gradient_checkpointing):
-        yield dm
+from ..antipure_core.protect import DEFAULT_T_PURIFY
 
 
 class AntiPureProtect(io.ComfyNode):
@@ -118,37 +86,7 @@ class AntiPureProtect(io.ComfyNode):
                 seed=0, random_start=False, eot_samples=1, gradient_checkpointing=False, frequency_guidance=None,
                 timestep_guidance=None, purifier=None, t_purify=DEFAULT_T_PURIFY, window=0,
                 window_mode="all", surrogate_settings=None) -> io.NodeOutput:
-        x, alpha_ch = to_core(image)
-        eta_px, alpha_px = eta / 255.0, alpha / 255.0
-        if not 0 < eta <= 255:
-            raise ValueError(f"eta: must be in (0, 255] (/255 units, 8 means 8/255), got {eta}")
-        if not alpha > 0:
-            raise ValueError(f"alpha: the PGD step must be > 0 (/255 units, e.g. 1), got {alpha}")
-        check_budget(eta_px, alpha_px, steps)
-        if purifier is not None:
-            check_pixel_purifier(purifier)
-            if METHODS[method].trains:
-                raise ValueError(f"method: {method} fine-tunes a surrogate of the latent MODEL, not a pixel purifier; "
-                                 "disconnect the purifier and connect MODEL, VAE and positive")
-            if method in ENCODER_METHODS:
-                raise ValueError(f"method: {method} attacks a VAE encoder, which a pixel purifier does not have; "
-                                 "pick antipure, advdm or sds, or disconnect the purifier to attack MODEL + VAE")
-        elif model is None or vae is None or positive is None:
-            raise ValueError("model: connect a MODEL, VAE and positive CONDITIONING (the latent purifier), or a "
-                             "pixel purifier from AntiPure Load Pixel Diffusion")
-        if steps == 0:
-            return io.NodeOutput(image.clone(), to_host(torch.full_like(x, 0.5), alpha_ch))
-        if METHODS[method].trains:
-            x_adv = protect_with_surrogate(model, vae, positive, x, method, eta_px, alpha_px, steps, seed, random_start,
-                                           eot_samples, surrogate_settings, gradient_checkpointing, node_id(cls)).cpu()
-            return io.NodeOutput(to_host(x_adv, alpha_ch), to_host(delta_visualisation(x_adv, x, eta_px)))
-        antipure = method == "antipure"
-        kw = dict(t_purify=t_purify, window=(window or (PIXEL_WINDOW if purifier is not None else None)),
-                  window_mode=window_mode) if antipure else {}
-        callback = host_callback(steps, node_id(cls))
-        with attacked_model(purifier, model, vae, positive, gradient_checkpointing) as dm:
-            x_adv = protect(dm, x, getattr(dm, "cond", None), method=method, eta=eta_px, alpha=alpha_px,
-                            steps=steps, seed=seed, random_start=random_start, eot_samples=eot_samples,
-                            frequency=frequency_guidance, timestep=timestep_guidance, callback=callback, **kw)
-        x_adv = x_adv.cpu()
-        return io.NodeOutput(to_host(x_adv, alpha_ch), to_host(delta_visualisation(x_adv, x, eta_px)))
+        return io.NodeOutput(*protect_images(
+            image, model, vae, positive, method, eta, steps, alpha, seed, random_start, eot_samples,
+            gradient_checkpointing, frequency_guidance, timestep_guidance, purifier, t_purify, window, window_mode,
+            surrogate_settings, node_id=node_id(cls)))

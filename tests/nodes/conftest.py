@@ -11,7 +11,7 @@ which happens while pytest collects this folder (so in a run over all of
 Fixtures (session-scoped unless noted):
 
 * ``host``: :class:`tests.nodes.host.Host` (``host.pack`` is the pack as the
-  host loaded it; ``host.pack_import("nodes.bridge")`` imports a pack module).
+  host loaded it; ``host.pack_import("antipure_comfy.bridge")`` imports a pack module).
 * ``models_dir``: the temporary folder registered as the host's checkpoints
   folder; ``tiny_checkpoint(family)`` builds ``tiny_<family>.safetensors``
   there on first use and returns the name ``CheckpointLoaderSimple`` takes

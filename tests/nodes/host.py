@@ -2,8 +2,7 @@
 
 The host is found and booted by :mod:`antipure.comfyui`, as the headless runner
 does: from ``COMFYUI_PATH`` or, when the pack sits in ``ComfyUI/custom_nodes/<pack>``,
-from the grandparent folder; the ComfyUI root goes first on ``sys.path`` (its
-``nodes.py`` must win over this repo's ``nodes/`` package), the CPU is forced
+from the grandparent folder; the ComfyUI root goes first on ``sys.path``, the CPU is forced
 unless ``ANTIPURE_TEST_GPU=1``, the built-in extra nodes are registered and the
 pack is loaded with ``nodes.load_custom_node``, so the pack's modules import each
 other through relative imports exactly as in a running server.
@@ -11,7 +10,6 @@ other through relative imports exactly as in a running server.
 from __future__ import annotations
 
 import asyncio
-import importlib
 import os
 import sys
 from dataclasses import dataclass
@@ -33,8 +31,8 @@ class Host:
     pack_loaded: bool         # False while the pack's entry point cannot build its nodes yet
 
     def pack_import(self, name: str) -> ModuleType:
-        """Import ``name`` (e.g. ``"nodes.bridge"``) from the loaded pack package."""
-        return importlib.import_module(f"{self.pack.__name__}.{name}")
+        """Import ``name`` (e.g. ``"antipure_comfy.bridge"``) from the pack as the host loaded it."""
+        return comfyui.pack_import(name, self.pack_dir)
 
 
 def find_comfyui() -> tuple[Path | None, str]:
@@ -61,15 +59,6 @@ def _pin_attention(root: Path) -> None:
     args.use_pytorch_cross_attention = True
 
 
-def _forget_foreign_nodes(root: Path) -> None:
-    # This repo has a `nodes/` package and a `tests/` package; the host has `nodes.py`
-    # and `tests/`. The host's `nodes` must win; ours stays reachable as the pack's
-    # submodule. Keep our `tests` package (already imported by pytest) as it is.
-    mod = sys.modules.get("nodes")
-    if mod is not None and not str(getattr(mod, "__file__", "")).startswith(str(root)):
-        del sys.modules["nodes"]
-
-
 def boot(root: Path) -> Host:
     """Import the host from ``root`` (CPU unless ``ANTIPURE_TEST_GPU=1``) and load the pack, as
     ``python -m antipure run`` does.
@@ -86,7 +75,6 @@ def boot(root: Path) -> Host:
 
     # a fixed intra-op thread count: reductions split the same way in every run, whatever the load
     torch.set_num_threads(thread_count())
-    _forget_foreign_nodes(root)
     _pin_attention(root)
 
     async def _boot() -> bool:
@@ -99,8 +87,7 @@ def boot(root: Path) -> Host:
         raise RuntimeError(str(e)) from e
     except Exception as e:
         raise RuntimeError(f"ComfyUI at {root} cannot be imported: {e!r}") from e
-    pack_name = str(PACK_DIR).replace(".", "_x_")  # the module name load_custom_node gives
-    pack = sys.modules.get(pack_name)
+    pack = sys.modules.get(comfyui.pack_module_name(PACK_DIR))
     if pack is None:
         raise RuntimeError(f"the host could not import the pack at {PACK_DIR} (see the log above)")
     return Host(root=root, pack_dir=PACK_DIR, pack=pack, pack_loaded=loaded)

@@ -31,7 +31,7 @@ SIZE = 16  # px; a multiple of every tiny UNet's SIZE_MULTIPLE
 
 @pytest.fixture(scope="module")
 def bridge(host):
-    return host.pack_import("nodes.bridge")
+    return host.pack_import("antipure_comfy.bridge")
 
 
 @pytest.fixture(scope="module")

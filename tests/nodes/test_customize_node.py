@@ -28,7 +28,7 @@ ATTENTION = (".to_q.weight", ".to_k.weight", ".to_v.weight", ".to_out.0.weight")
 
 @pytest.fixture(scope="module")
 def pack(host):
-    return host.pack_import("nodes.customize"), host.pack_import("nodes.lora_adapters")
+    return host.pack_import("nodes.customize"), host.pack_import("antipure_comfy.lora_adapters")
 
 
 @pytest.fixture(scope="module")
@@ -186,12 +186,12 @@ def test_targets_pick_the_transformer_layers(pack, tiny_model, target, suffixes)
     assert set(keys) < set(everything) and any(k.endswith("input_blocks.0.0.weight") for k in everything)
 
 
-def test_prediction_follows_the_model_sampling(pack, tiny_model):
+def test_prediction_follows_the_model_sampling(host, tiny_model):
     model = tiny_model("sd15")[0]
-    assert pack[0]._prediction(model) == "eps"
+    assert host.pack_import("antipure_comfy.customize").prediction_type(model) == "eps"
     with torch.inference_mode():
         as_v = ModelSamplingDiscrete().patch(model, "v_prediction", False)[0]
-    assert pack[0]._prediction(as_v) == "v"
+    assert host.pack_import("antipure_comfy.customize").prediction_type(as_v) == "v"
 
 
 def test_v_model_trains_on_the_v_loss(node, tiny_model, encode_text, loras_dir):

@@ -176,7 +176,7 @@ def test_gray_and_alpha_are_adapted_and_noted(node, inputs, output_dir):
 
 
 def test_optional_weights_folder_is_registered_and_named(host, node, inputs, output_dir):
-    folder = host.pack_import("nodes.evaluate").weights_folder()
+    folder = host.pack_import("antipure_comfy.evaluate").weights_folder()
     assert folder in folder_paths.get_folder_paths("antipure")
     assert str(Path(folder_paths.models_dir) / "antipure") in folder_paths.get_folder_paths("antipure")
     out = node.execute(clean=_img(), protected=_img(seed=0), generated=_img(seed=1), label="weights",
@@ -221,7 +221,7 @@ def test_fid_through_the_node_with_user_weights(graph, inputs, output_dir, incep
 def test_fid_missing_weights_say_which_file_where(host, node, inputs, output_dir):
     from tests.inception_toy import INCEPTION_FILES
 
-    folder = host.pack_import("nodes.evaluate").weights_folder()
+    folder = host.pack_import("antipure_comfy.evaluate").weights_folder()
     if any((Path(folder) / name).is_file() for name in INCEPTION_FILES):
         pytest.fail(f"{folder} holds real FID weights; this test needs a host without them")
     out = node.execute(clean=_img(b=2), generated=_img(b=2, seed=1), label="nofid", filename_prefix="nofid/results",

@@ -57,7 +57,7 @@ def test_loader_lists_the_folder_and_gives_the_core_model(host, pixel_files):
     with torch.inference_mode():  # as the executor runs nodes
         model = pd.AntiPureLoadPixelDiffusion.execute("tiny_adm.pt", "fp32", 32).result[0]
     assert isinstance(model, core.PixelDiffusion) and model.unet.config.num_head_channels == 32
-    assert model.device == host.pack_import("nodes.comfy_host").model_management.get_torch_device()
+    assert model.device == host.pack_import("antipure_comfy.comfy_host").model_management.get_torch_device()
     # weights are ordinary tensors: a backward pass through the model works (AntiPure Protect attacks it)
     assert not any(p.is_inference() for p in model.parameters())
     x = torch.rand(1, 3, 16, 16, requires_grad=True)

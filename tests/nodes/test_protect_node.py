@@ -162,7 +162,7 @@ def test_gradient_checkpointing_same_result_and_unpatched(host, tiny_model, enco
 
 
 def test_gradient_checkpointing_patches_unet_and_vae_only_inside(host, tiny_model):
-    ckpt = host.pack_import("nodes.checkpointing")
+    ckpt = host.pack_import("antipure_comfy.checkpointing")
     model, _, vae = tiny_model("sd15")
     modules = ckpt.checkpointed_modules(model, vae)
     assert any(m in set(vae.first_stage_model.modules()) for m in modules)

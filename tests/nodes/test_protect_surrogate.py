@@ -23,7 +23,7 @@ FAST = dict(training="lora", train_steps=1, attack_steps=1, fsmg_train_steps=1, 
 
 @pytest.fixture(scope="module")
 def pack(host):
-    return host.pack_import("nodes.protect"), host.pack_import("nodes.surrogate"), host.pack_import("nodes.bridge")
+    return host.pack_import("nodes.protect"), host.pack_import("nodes.surrogate"), host.pack_import("antipure_comfy.bridge")
 
 
 @pytest.fixture(scope="module")
@@ -114,10 +114,9 @@ def test_user_model_unchanged(pack, tiny_model, encode_text, training):
     assert model.weight_wrapper_patches == {} and torch.equal(denoised(model, cond), base)
 
 
-def test_full_training_attaches_a_difference_on_every_unet_weight(pack, tiny_model):
-    _, surrogate_mod, _ = pack
+def test_full_training_attaches_a_difference_on_every_unet_weight(host, tiny_model):
     model, _, _ = tiny_model("sd15")
-    mp, params = surrogate_mod.attach_full(model)
+    mp, params = host.pack_import("antipure_comfy.surrogate").attach_full(model)
     weights = [n for n, p in model.model.diffusion_model.named_parameters()]
     assert len(params) == len(mp.weight_wrapper_patches) == len(weights)
     assert all(not p.is_inference() and p.requires_grad and not p.any() for p in params)

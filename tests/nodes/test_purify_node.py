@@ -24,12 +24,12 @@ PURIFY_DEFAULTS = dict(
 
 @pytest.fixture(scope="module")
 def purify(host):
-    return host.pack_import("nodes.purify")
+    return host.pack_import("nodes.purify_legacy")
 
 
 @pytest.fixture(scope="module")
 def purify_host(host):
-    return host.pack_import("nodes.purify_host")
+    return host.pack_import("antipure_comfy.purify")
 
 
 @pytest.fixture(scope="module")
@@ -131,7 +131,7 @@ def test_purification_sigmas_discrete_schedule_gives_fewer_steps(purify_host, ti
 
 def test_one_euler_step_is_the_one_step_x0_estimate(purify_host, host, tiny_model, encode_text):
     """Known answer: one Euler step from sigma(t) to 0 lands on the model's x0 estimate at t."""
-    bridge = host.pack_import("nodes.bridge")
+    bridge = host.pack_import("antipure_comfy.bridge")
     diffusion = host.pack_import("antipure_core.diffusion")
     model, clip, vae = tiny_model("sd15")
     positive = encode_text(clip, "")

@@ -1,11 +1,12 @@
 """The pixel purifier (ANTIPURE_PIXEL_DIFFUSION) made differentiable inside a node, as :mod:`.bridge` does for MODEL/VAE.
 
-The loader builds the pixel model under the host's inference mode, so its
-weights are inference tensors that autograd refuses to save. :func:`pixel_session`
-swaps them for frozen plain aliases (no copy; a copy only when the model must
+AntiPure Load Pixel Diffusion builds the model outside the host's inference
+mode, so its weights are plain tensors; the object is still shared with every
+other node that holds it. :func:`pixel_session` therefore swaps each weight for
+a frozen alias of the same memory (no copy; a copy only when the model must
 move to the host's compute device), optionally turns on the UNet's gradient
-checkpointing, and puts everything back afterwards, so the object other nodes
-hold is unchanged.
+checkpointing, and puts everything back afterwards, so flags, devices and
+tensors of the caller's object are unchanged.
 """
 from __future__ import annotations
 
@@ -15,7 +16,7 @@ from typing import Any, Iterator
 import torch
 
 from ..antipure_core.model import check_model
-from .bridge import _alias, _restore
+from .bridge import alias, restore
 from .comfy_host import model_management, model_patcher
 
 PIXEL_TYPE = "ANTIPURE_PIXEL_DIFFUSION"
@@ -49,7 +50,7 @@ def _alias_everything(module: torch.nn.Module) -> list[tuple]:
             for name, t in list(table.items()):
                 if t is not None:
                     undo.append((table, name, t, None))
-                    table[name] = torch.nn.Parameter(_alias(t), requires_grad=False) if is_param else _alias(t)
+                    table[name] = torch.nn.Parameter(alias(t), requires_grad=False) if is_param else alias(t)
     return undo
 
 
@@ -57,11 +58,11 @@ def _alias_everything(module: torch.nn.Module) -> list[tuple]:
 def pixel_session(purifier, gradient_checkpointing: bool = False) -> Iterator[Any]:
     """Differentiable use of ``purifier`` (a pixel :class:`~antipure_core.model.DiffusionModel`) inside the block.
 
-    Yields the same module, on the host's compute device, with plain frozen
+    ``purifier`` must have passed :func:`check_pixel_purifier` (the caller's
+    boundary check). Yields the same module, on the host's compute device, with plain frozen
     weights; restores its original tensors, device and flags afterwards, also
     when the block raises.
     """
-    check_pixel_purifier(purifier)
     unet = getattr(purifier, "unet", None)
     had_ckpt = getattr(unet, "gradient_checkpointing", None)
     with torch.inference_mode(False), torch.enable_grad():
@@ -76,5 +77,5 @@ def pixel_session(purifier, gradient_checkpointing: bool = False) -> Iterator[An
         finally:
             if had_ckpt is not None:
                 unet.gradient_checkpointing = had_ckpt
-            _restore(undo)
+            restore(undo)
             model_management.soft_empty_cache()

@@ -110,7 +110,7 @@ def _plain(t: Any) -> Any:
     return t.clone() if isinstance(t, Tensor) and t.is_inference() else t
 
 
-def _alias(t: Tensor) -> Tensor:
+def alias(t: Tensor) -> Tensor:
     """A normal tensor on the same memory as inference tensor ``t``: autograd may save it, nothing is copied."""
     try:
         return torch.empty(0, dtype=t.dtype, device=t.device).set_(
@@ -119,7 +119,7 @@ def _alias(t: Tensor) -> Tensor:
         return t.clone()
 
 
-def _swap_in_plain_tensors(module: torch.nn.Module) -> list[tuple]:
+def swap_in_plain_tensors(module: torch.nn.Module) -> list[tuple]:
     """Replace inference params/buffers by plain aliases and freeze all params; returns what to restore."""
     undo, aliases = [], {}
     for mod in module.modules():
@@ -129,7 +129,7 @@ def _swap_in_plain_tensors(module: torch.nn.Module) -> list[tuple]:
             if p.is_inference():  # its own flags stay as they are; only the alias is seen
                 undo.append((mod._parameters, name, p, None))
                 if id(p) not in aliases:  # keep tied weights tied
-                    aliases[id(p)] = torch.nn.Parameter(_alias(p), requires_grad=False)
+                    aliases[id(p)] = torch.nn.Parameter(alias(p), requires_grad=False)
                 mod._parameters[name] = aliases[id(p)]
             else:
                 undo.append((mod._parameters, name, p, p.requires_grad))
@@ -137,11 +137,11 @@ def _swap_in_plain_tensors(module: torch.nn.Module) -> list[tuple]:
         for name, b in list(mod._buffers.items()):
             if b is not None and b.is_inference():
                 undo.append((mod._buffers, name, b, None))
-                mod._buffers[name] = aliases.setdefault(id(b), _alias(b))
+                mod._buffers[name] = aliases.setdefault(id(b), alias(b))
     return undo
 
 
-def _restore(undo: list[tuple]) -> None:
+def restore(undo: list[tuple]) -> None:
     for table, name, original, requires_grad in reversed(undo):
         table[name] = original
         if requires_grad is not None:
@@ -295,8 +295,8 @@ def session(model, vae, positive=None) -> Iterator[HostDiffusionModel]:
         model_management.load_models_gpu([model, vae.patcher], force_full_load=True)
         undo = []
         try:
-            undo += _swap_in_plain_tensors(model.model)
-            undo += _swap_in_plain_tensors(vae.first_stage_model)
+            undo += swap_in_plain_tensors(model.model)
+            undo += swap_in_plain_tensors(vae.first_stage_model)
             options = model_patcher.create_model_options_clone(model.model_options)
             sampler_helpers.prepare_model_patcher(model, {}, options)
             samplers.cast_to_load_options(options, device=model.load_device, dtype=model.model_dtype())
@@ -306,5 +306,5 @@ def session(model, vae, positive=None) -> Iterator[HostDiffusionModel]:
             finally:
                 model.cleanup()
         finally:
-            _restore(undo)
+            restore(undo)
             model_management.soft_empty_cache()
