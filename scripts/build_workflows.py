@@ -4,8 +4,10 @@ Each workflow is a list of stages (titled groups, left to right) and nodes;
 parallel chains are *lanes* built from one table, so adding a purifier to the
 stress test is one line in ``PURIFIER_LANES`` and adding a method to the
 comparison one line in ``BASELINES``. Layout and the UI format are in
-``scripts/ui_graph.py``; widget order and defaults come from the host's own
-node schemas. Run it in a ComfyUI environment, then
+``scripts/ui_graph.py``, which also carries a link that would skip a stage
+(the checkpoint into Customize, the clean images into Evaluate) through each
+stage in between with a Reroute; widget order and defaults come from the
+host's own node schemas. Run it in a ComfyUI environment, then
 ``scripts/render_previews.py`` for the .jpg previews:
 
     COMFYUI_PATH=/path/to/ComfyUI python scripts/build_workflows.py
@@ -32,13 +34,15 @@ MODEL, CLIP, VAE, PROMPT = ("Checkpoint", 0), ("Checkpoint", 1), ("Checkpoint", 
 SD_PURIFIER = {"model": MODEL, "vae": VAE, "positive": PROMPT}  # purify through the loaded SD model
 PIXEL = ("Purifier", 0)  # the pixel-space ADM: Protect attacks it, GrIDPure purifies with it
 
-#: stress-test lanes: (title, AntiPure Purify inputs); a lane's nodes are titled "<title> LoRA", ...
+#: GrIDPure as AntiPure's paper evaluates it: 2 rounds x 20 iterations on the pixel ADM
+GRIDPURE = ("AntiPurePurifyGrIDPure", {"pixel_model": PIXEL, "grid_rounds": 2})
+#: stress-test lanes: (title, Purify node, its inputs); a lane's nodes are titled "<title> LoRA", ...
 PURIFIER_LANES = [
-    ("GrIDPure", {"method": "gridpure", "pixel_model": PIXEL, "grid_rounds": 2}),  # the paper's: 2 x 20 on the ADM
-    ("DiffPure", {"method": "diffpure", **SD_PURIFIER}),  # SDEdit through the SD model the attacker fine-tunes
-    ("JPEG", {"method": "jpeg"}),
+    ("GrIDPure", *GRIDPURE),
+    ("DiffPure", "AntiPurePurifyDiffPure", SD_PURIFIER),  # SDEdit through the SD model the attacker fine-tunes
+    ("JPEG", "AntiPurePurifyJPEG", {}),
 ]
-#: baseline-comparison lanes: Protect methods, each purified by DiffPure and scored
+#: baseline-comparison lanes: Protect methods, each purified by GrIDPure (as in the paper) and scored
 BASELINES = ["antipure", "aspl", "simac", "fsmg", "advdm", "mist", "photoguard", "sds", "random"]
 METHOD_TITLES = {"antipure": "AntiPure", "advdm": "AdvDM", "mist": "Mist", "photoguard": "PhotoGuard",
                  "sds": "SDS", "random": "Random", "aspl": "ASPL", "fsmg": "FSMG", "simac": "SimAC"}
@@ -127,17 +131,17 @@ size and number of generated images."""
 
 
 def stress_test_workflow() -> Graph:
-    g = [_note(STRESS_NOTE.format(lanes=", ".join(t for t, _ in PURIFIER_LANES))), *_inputs(), _pixel_purifier(),
+    g = [_note(STRESS_NOTE.format(lanes=", ".join(t for t, _, _ in PURIFIER_LANES))), *_inputs(), _pixel_purifier(),
          N("Negative", "CLIPTextEncode", GENERATE, {"clip": CLIP, "text": ""}, collapsed=True),
          N("Latent", "EmptyLatentImage", GENERATE, {"width": 512, "height": 512, "batch_size": 4}, collapsed=True),
          *_guidance(), _protect("Protect", "antipure", purifier=True),
          N("Protected", "SaveImage", PROTECT, {"images": ("Protect", 0), "filename_prefix": "antipure/protected"})]
-    for lane, (title, purify) in enumerate(PURIFIER_LANES):
+    for lane, (title, purifier, purify) in enumerate(PURIFIER_LANES):
         color = LANE_COLORS[lane % len(LANE_COLORS)]
         lora, sample, decode, scores = (f"{title} LoRA", f"{title} sample", f"{title} decode", f"{title} scores")
         at = {"lane": lane, "collapsed": True, "color": color}
         g += [
-            N(title, "AntiPurePurify", PURIFY, {"image": ("Protect", 0), **purify}, **at),
+            N(title, purifier, PURIFY, {"image": ("Protect", 0), **purify}, **at),
             N(lora, "AntiPureCustomize", CUSTOMIZE,
               {"model": MODEL, "vae": VAE, "images": (title, 0), "positive": PROMPT,
                "lora_name": f"antipure/stress_test_{title.lower()}"}, **at),
@@ -182,8 +186,7 @@ def baseline_comparison_workflow() -> Graph:
         protect.inputs.update(eta=("eta", 0), steps=("steps", 0))
         g += [
             protect,
-            N(f"{title} purified", "AntiPurePurify", PURIFY,
-              {"image": (title, 0), "method": "gridpure", "pixel_model": PIXEL, "grid_rounds": 2}, **at),
+            N(f"{title} purified", GRIDPURE[0], PURIFY, {"image": (title, 0), **GRIDPURE[1]}, **at),
             N(f"{title} scores", "AntiPureEvaluate", EVALUATE,
               {"clean": ("Images", 0), "protected": (title, 0), "purified": (f"{title} purified", 0),
                "label": method, "filename_prefix": "antipure/baseline_comparison", "faces": False}, **at),
@@ -214,7 +217,7 @@ def main(argv=None) -> int:
     asyncio.run(boot_host(find_comfyui(ns.comfyui), cpu=True))
     if not asyncio.run(load_pack(PACK_ROOT)):
         raise SystemExit("the host could not load the pack (see its log)")
-    import nodes  # the host's nodes.py, now first on sys.path
+    import nodes  # the host's nodes.py (booted above)
 
     node_classes = nodes.NODE_CLASS_MAPPINGS
     out = Path(ns.out)

@@ -97,6 +97,13 @@ def test_workflow_reads_at_a_glance(workflow):
     assert len(set(titles)) == len(titles) and not any("." in t for t in titles)
 
 
+@pytest.mark.parametrize("workflow", WORKFLOWS, ids=[p.stem for p in WORKFLOWS])
+def test_workflow_uses_no_deprecated_node(workflow):
+    """The single AntiPurePurify node still loads for old graphs; shipped ones use the per-purifier nodes."""
+    types = {n["type"] for n in json.loads(workflow.read_text())["nodes"]}
+    assert "AntiPurePurify" not in types
+
+
 def test_lanes_line_up():
     """Each purifier's chain sits on one row of the stress test, one method's on one row of the comparison."""
     for name, lane_of in [("antipure_stress_test", lambda t: t.split(" ")[0]),
