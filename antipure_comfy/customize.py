@@ -98,9 +98,7 @@ def customize_lora(model, vae, images, positive, lora_name, steps, learning_rate
     class_positive = _one(class_positive, "class_positive")
     prior_weight = 1.0 if prior_weight is None else _one(prior_weight, "prior_weight")
 
-    bridge.check_supported(model)
-    bridge.check_vae(vae)
-    bridge.check_conditioning(positive, "positive")
+    bridge.check_inputs(model, vae, positive)
     x = image_batch(images, "images")
     _check_int(steps, "steps", "DreamBooth-LoRA: 400-1000")
     _check_int(rank, "rank", "the LoRA rank; DreamBooth-LoRA: 4")
@@ -124,7 +122,7 @@ def customize_lora(model, vae, images, positive, lora_name, steps, learning_rate
     prediction = prediction_type(model)
     train_mp = training_clone(mp)
     callback = host_callback(steps, node_id)
-    with bridge.session(train_mp, vae, positive) as dm, \
+    with bridge.open_session(train_mp, vae, positive) as dm, \
             ckpt.gradient_checkpointing(train_mp, enabled=checkpointing):
         losses = customize(dm, x, dm.cond, params, steps=steps, lr=lr, batch_size=batch_size,
                            grad_accum=grad_accum, prediction=prediction, prior=prior, generator=seed,
