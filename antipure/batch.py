@@ -20,7 +20,8 @@ from typing import Any, Mapping, Sequence
 from .comfyui import headless_server
 from .errors import EXIT_BAD_WORKFLOW, RunnerError
 from .prompts import set_image, string_columns, title, validate
-from .results import STAGING, ImageResult, ResultsTable, Staging, reported_files
+from .image_check import check_images
+from .results import STAGING, ImageResult, ResultsTable, Staging, refused_inputs, reported_files
 
 __all__ = ["BatchRunner", "run_batch"]
 
@@ -128,11 +129,13 @@ async def run_batch(prompt: dict, image_input: tuple[str, str], images: Sequence
                     progress: bool = True, resume: bool = False) -> list[ImageResult]:
     """Run ``prompt`` once per image (booted host, validated prompt); writes ``out/results.csv``.
 
-    With ``resume``, images that ``out/results.csv`` lists as ``ok`` are skipped. The host's
-    input/output/temp folders and progress hook are restored afterwards.
+    With ``resume``, images that ``out/results.csv`` lists as ``ok`` are skipped. Every image is
+    decoded first (:mod:`antipure.image_check`): one that cannot be read completely gets an
+    ``invalid`` row and is not run. The host's input/output/temp folders and progress hook are
+    restored afterwards.
 
     Returns:
-        The results of the images run now, in order.
+        The results of the images run now: the refused ones, then the others in order.
 
     Raises:
         RunnerError: (exit 3) the prompt does not validate with the first image.
@@ -144,11 +147,16 @@ async def run_batch(prompt: dict, image_input: tuple[str, str], images: Sequence
     out = Path(out).resolve()
     table = ResultsTable(out, resume=resume)
     images = [im for im in images if im.name not in table.finished()]
+    described, bad = check_images(images)
+    results: list[ImageResult] = refused_inputs(bad)
+    for res in results:
+        table.add(res)
+        print(f"{res.image}: invalid: {res.error}", file=sys.stderr)
+    images = list(described)
     if not images:
-        return []
+        return results
     saved = (folder_paths.get_input_directory(), folder_paths.get_output_directory(),
              folder_paths.get_temp_directory(), comfy.utils.PROGRESS_BAR_HOOK)
-    results: list[ImageResult] = []
     disable = None if progress else True  # None: tqdm shows bars on a terminal only
     with tempfile.TemporaryDirectory(prefix="antipure-run-") as tmp:
         input_dir, temp_dir = Path(tmp, "input"), Path(tmp, "temp")
@@ -168,6 +176,7 @@ async def run_batch(prompt: dict, image_input: tuple[str, str], images: Sequence
             try:
                 for image in bar:
                     res = await runner.run_image(image, out, input_dir)
+                    res.input = described[image]
                     results.append(res)
                     table.add(res)
                     if res.status != "ok":

@@ -44,6 +44,7 @@ def main(argv=None) -> int:
     from antipure import cli
     from antipure.comfyui import boot_host, find_comfyui
     from antipure.errors import RunnerError
+    from antipure.image_check import BadImage, check_image
 
     out = Path(ns.out).resolve()
     try:
@@ -66,6 +67,12 @@ def main(argv=None) -> int:
         save_random_adm(pixel)
     images = out / "images"
     images.mkdir(parents=True, exist_ok=True)
+    try:
+        check_image(SAMPLE)  # a damaged clone must not give a demo of black rows
+    except BadImage as e:
+        print(f"error: the demo's sample image {SAMPLE} cannot be used: {e}. Restore it with "
+              "git checkout -- assets/", file=sys.stderr)
+        return 1
     shutil.copy(SAMPLE, images / SAMPLE.name)
     args = ["run", str(WORKFLOW), "--images", str(images), "--out", str(out / "results"),
             "--models", str(out / "models"), "--comfyui", str(comfy_root)]

@@ -37,7 +37,8 @@ import aiohttp
 
 from .errors import EXIT_BAD_WORKFLOW, EXIT_NO_HOST, RunnerError
 from .prompts import prepare_prompt, set_image, string_columns
-from .results import ImageResult, ResultsTable, Staging, reported_files
+from .image_check import check_images
+from .results import ImageResult, ResultsTable, Staging, refused_inputs, reported_files
 from .scheduler import JobError, Scheduler, ServerGone
 
 __all__ = ["ComfyServer", "node_classes", "text_viewers", "run_remote"]
@@ -323,7 +324,8 @@ async def run_remote(workflow: Path, images: Sequence[Path], out: Path, urls: Se
         on_event: also called with every scheduler event (after the results are recorded).
 
     Returns:
-        The results of the images run now, in image order.
+        The results of the images run now, in image order; an image that does not decode completely
+        (:mod:`antipure.image_check`) has an ``invalid`` row and is not sent.
 
     Raises:
         RunnerError: a server is unreachable (exit 2), the workflow is invalid or uses a node
@@ -350,14 +352,20 @@ async def run_remote(workflow: Path, images: Sequence[Path], out: Path, urls: Se
             server.batch = batch
         table = ResultsTable(out, resume=resume)
         todo = [im for im in images if im.name not in table.finished()]
+        described, bad = check_images(todo)  # a file that does not decode completely is never uploaded
         results: dict[str, ImageResult] = {}
-        bar = tqdm(total=len(todo), desc="images", unit="img", disable=None if progress else True)
+        for res in refused_inputs(bad):
+            table.add(res)
+            results[res.image] = res
+            print(f"{res.image}: invalid: {res.error}", file=sys.stderr)
+        bar = tqdm(total=len(described), desc="images", unit="img", disable=None if progress else True)
         steps: dict[str, str] = {}
 
         def record(event: str, server: str | None, image: Any, data: dict) -> None:
             if event in ("done", "failed"):
                 res = data["result"] if event == "done" else ImageResult(image.name, status=data["status"],
                                                                          error=data["error"])
+                res.input = described[image]
                 table.add(res)
                 results[image.name] = res
                 bar.update(1)
@@ -374,7 +382,7 @@ async def run_remote(workflow: Path, images: Sequence[Path], out: Path, urls: Se
                 on_event(event, server, image, data)
 
         try:
-            await Scheduler(servers, per_server=per_server, attempts=attempts, on_event=record).run(todo)
+            await Scheduler(servers, per_server=per_server, attempts=attempts, on_event=record).run(described)
         finally:
             bar.close()
     return [results[im.name] for im in todo if im.name in results]

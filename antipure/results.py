@@ -21,10 +21,10 @@ from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath
 from typing import Any, Iterable, Mapping
 
-__all__ = ["ImageResult", "ResultsTable", "Staging", "reported_files", "FIXED_COLUMNS", "STAGING"]
+__all__ = ["ImageResult", "ResultsTable", "refused_inputs", "Staging", "reported_files", "FIXED_COLUMNS", "STAGING"]
 
 STAGING = ".partial"
-FIXED_COLUMNS = ["image", "status", "seconds", "outputs", "error"]
+FIXED_COLUMNS = ["image", "status", "seconds", "outputs", "error", "input"]
 
 
 @dataclass
@@ -37,6 +37,12 @@ class ImageResult:
     outputs: list[str] = field(default_factory=list)
     strings: dict[str, str] = field(default_factory=dict)
     error: str = ""
+    input: str = ""  # what the input file holds (antipure.image_check), e.g. "PNG RGB 64x64 8-bit"
+
+
+def refused_inputs(bad: Mapping[Path, str]) -> list[ImageResult]:
+    """An ``invalid`` row for every input image that :func:`antipure.image_check.check_images` refused."""
+    return [ImageResult(image=path.name, status="invalid", error=reason) for path, reason in bad.items()]
 
 
 def reported_files(ui_outputs: Mapping[str, Any]) -> list[tuple[str, str]]:
@@ -108,7 +114,7 @@ class Staging:
 
 
 class ResultsTable:
-    """``OUT/results.csv``: image, status, seconds, outputs (';'-joined), error, then one column per
+    """``OUT/results.csv``: image, status, seconds, outputs (';'-joined), error, input, then one column per
     STRING a node returned or showed. Rewritten atomically each time a row is added.
 
     Args:
@@ -138,7 +144,8 @@ class ResultsTable:
         """Record one image (replacing an earlier row of the same image) and rewrite the file; rows
         are sorted by image name, so the table does not depend on which image finished first."""
         row = {"image": result.image, "status": result.status, "seconds": str(result.seconds),
-               "outputs": ";".join(result.outputs), "error": result.error, **result.strings}
+               "outputs": ";".join(result.outputs), "error": result.error, "input": result.input,
+               **result.strings}
         self.columns += [c for c in result.strings if c not in self.columns]
         self.rows[result.image] = row
         tmp = self.path.with_name(f".results.csv.{os.getpid()}.tmp")

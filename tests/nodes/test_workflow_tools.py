@@ -511,8 +511,10 @@ def test_runner_reports_failed_image_and_continues(tmp_path, capsys, input_dir):
                      "--no-progress", "--comfyui", str(Path(nodes.__file__).parent)])
     assert code == errors.EXIT_FAILED
     rows = {r["image"]: r for r in csv.DictReader(open(tmp_path / "out" / "results.csv", encoding="utf-8"))}
-    assert rows["ok.png"]["status"] == "ok" and rows["broken.png"]["status"] in ("invalid", "error")
-    assert rows["broken.png"]["error"]
+    assert rows["ok.png"]["status"] == "ok" and rows["ok.png"]["input"] == "PNG RGB 32x32 8-bit"
+    assert rows["broken.png"]["status"] == "invalid"  # refused before the host's loader sees it
+    assert rows["broken.png"]["error"].startswith("broken.png: not an image Pillow can read")
+    assert "broken.png: invalid: broken.png: not an image" in capsys.readouterr().err
 
 
 # --- the host's real web frontend (headless Chromium): previews, and conversion ground truth --
