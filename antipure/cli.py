@@ -36,6 +36,7 @@ from .errors import (EXIT_BAD_WORKFLOW, EXIT_FAILED, EXIT_NO_HOST, EXIT_NO_MODEL
                      RunnerError)
 from .prompts import list_images, missing_models, prepare_prompt
 from .results import ImageResult
+from .workflow_format import WorkflowError, read_workflow
 
 __all__ = ["main"]
 
@@ -72,17 +73,22 @@ def _parser() -> argparse.ArgumentParser:
 
 
 def _check_inputs(ns: argparse.Namespace) -> tuple[Path, list[Path]]:
+    """Workflow file and images, checked before any host starts (a start takes many seconds)."""
     workflow = Path(ns.workflow)
     if not workflow.is_file():
         raise RunnerError(EXIT_BAD_WORKFLOW, f"workflow: {workflow} does not exist")
+    try:
+        read_workflow(workflow)
+    except WorkflowError as e:
+        raise RunnerError(EXIT_BAD_WORKFLOW, str(e)) from None
     return workflow, list_images(ns.images)
 
 
 async def _run_local(ns: argparse.Namespace) -> list[ImageResult]:
     from .batch import run_batch
 
-    comfy_root = find_comfyui(ns.comfyui)
     workflow, images = _check_inputs(ns)
+    comfy_root = find_comfyui(ns.comfyui)
     if ns.models and not Path(ns.models).is_dir():
         raise RunnerError(EXIT_NO_MODEL, f"--models: {ns.models} is not a folder")
     await boot_host(comfy_root, cpu=True if ns.cpu else None, verbose=ns.verbose)

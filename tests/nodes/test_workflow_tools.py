@@ -445,6 +445,12 @@ def test_cli_exit_codes_before_boot(tmp_path, three_images):
     assert proc.returncode == errors.EXIT_NO_HOST and "COMFYUI_PATH" in proc.stderr
     proc = _cli([str(tmp_path / "missing.json"), "--images", str(three_images), "--out", out], host_root)
     assert proc.returncode == errors.EXIT_BAD_WORKFLOW and "missing.json" in proc.stderr
+    # a broken workflow is reported before the host is even looked for (its start takes many seconds)
+    (tmp_path / "cut.json").write_text(json.dumps(invert_workflow())[:50])
+    (tmp_path / "other.json").write_text('{"nodes": "not a list"}')
+    for name, reason in (("cut.json", "cannot read"), ("other.json", "neither the UI format")):
+        proc = _cli([str(tmp_path / name), "--images", str(three_images), "--out", out], str(tmp_path / "nohost"))
+        assert proc.returncode == errors.EXIT_BAD_WORKFLOW and name in proc.stderr and reason in proc.stderr, proc.stderr
     proc = _cli([str(tmp_path / "wf.json"), "--images", str(tmp_path / "nope"), "--out", out], host_root)
     assert proc.returncode == errors.EXIT_NO_IMAGES and "does not exist" in proc.stderr
     (tmp_path / "empty").mkdir()
