@@ -19,8 +19,9 @@ from typing import Any, Mapping, Sequence
 
 from .comfyui import headless_server
 from .errors import EXIT_BAD_WORKFLOW, RunnerError
-from .prompts import set_image, string_columns, title, validate
+from .prompts import set_image, title, validate
 from .image_check import check_images
+from .text_outputs import TextOutputs, collect_text
 from .results import STAGING, ImageResult, ResultsTable, Staging, refused_inputs, reported_files
 
 __all__ = ["BatchRunner", "run_batch"]
@@ -37,9 +38,10 @@ class BatchRunner:
     Args:
         prompt: API prompt (after :func:`antipure.prompts.apply_sets`); not modified.
         image_input: (node id, input name) that receives each image's file name.
+        lines: print one line per node started and per progress step (for a log, where bars do not show).
     """
 
-    def __init__(self, prompt: dict, image_input: tuple[str, str]):
+    def __init__(self, prompt: dict, image_input: tuple[str, str], lines: bool = False):
         import comfy.utils
         import execution
 
@@ -49,18 +51,25 @@ class BatchRunner:
         self.executor = execution.PromptExecutor(self.server, cache_type=False)
         self.errors: list[dict] = []
         self.node_bar = None  # a tqdm bar for the running node's own steps
+        self.lines, self.node, self.t0 = lines, None, time.perf_counter()
         comfy.utils.set_progress_bar_global_hook(self._on_progress)
 
     def _on_event(self, event: str, data: Any) -> None:
         if event in ("execution_error", "execution_interrupted"):
             self.errors.append({"event": event, **(data if isinstance(data, dict) else {})})
-        elif event == "executing" and self.node_bar is not None and isinstance(data, dict):
-            node = data.get("node")
-            if node in self.prompt:
+        elif event == "executing" and isinstance(data, dict):
+            node = self.node = data.get("node")
+            if node in self.prompt and self.lines:
+                print(f"[{time.perf_counter() - self.t0:6.1f} s] node {node} {title(self.prompt, node)}", flush=True)
+            if node in self.prompt and self.node_bar is not None:
                 self.node_bar.set_description_str(f"node {node} {title(self.prompt, node)}"[:40])
                 self.node_bar.reset(total=1)
 
     def _on_progress(self, value, total, preview=None, prompt_id=None, node_id=None):
+        node = node_id or self.node
+        if self.lines and total and node in self.prompt:
+            print(f"[{time.perf_counter() - self.t0:6.1f} s]   {title(self.prompt, node)}: step {value}/{total}",
+                  flush=True)
         if self.node_bar is not None and total:
             if self.node_bar.total != total:
                 self.node_bar.reset(total=total)
@@ -107,14 +116,15 @@ class BatchRunner:
         reported = [staging.local_name(sub, name)
                     for sub, name in reported_files(self.executor.history_result.get("outputs", {}))]
         staged = staging.files()
-        files = staging.commit([f for f in reported if f in staged] + staged)
+        result.text = staging.published(self._text(prompt))
+        reports = staging.write_reports(result.text.reports)
+        files = staging.commit([f for f in reported if f in staged] + staged + reports)
         changed = sorted(f for f, t in _snapshot(out_dir).items()
                          if before.get(f) != t and f != "results.csv" and f not in files)
         result.outputs = files + changed
-        result.strings = self._strings(prompt)
         return result
 
-    def _strings(self, prompt: Mapping[str, dict]) -> dict[str, str]:
+    def _text(self, prompt: Mapping[str, dict]) -> TextOutputs:
         import nodes
 
         outputs, ui = {}, {}
@@ -122,7 +132,7 @@ class BatchRunner:
             data = self.executor.caches.outputs.get(node_id)
             outputs[node_id] = getattr(data, "outputs", data)  # newer hosts wrap outputs in a cache entry
             ui[node_id] = (self.executor.caches.ui.get(node_id) or {}).get("output") or {}
-        return string_columns(prompt, nodes.NODE_CLASS_MAPPINGS, outputs, ui)
+        return collect_text(prompt, nodes.NODE_CLASS_MAPPINGS, outputs, ui)
 
 
 async def run_batch(prompt: dict, image_input: tuple[str, str], images: Sequence[Path], out: Path,
@@ -170,11 +180,13 @@ async def run_batch(prompt: dict, image_input: tuple[str, str], images: Sequence
             problems, _ = await validate(set_image(prompt, image_input, images[0].name, images[0].stem))
             if problems:
                 raise RunnerError(EXIT_BAD_WORKFLOW, "invalid workflow:\n  - " + "\n  - ".join(problems))
-            runner = BatchRunner(prompt, image_input)
+            runner = BatchRunner(prompt, image_input, lines=progress and not sys.stderr.isatty())
             bar = tqdm(images, desc="images", unit="img", disable=disable, position=0)
             runner.node_bar = tqdm(total=1, desc="node", position=1, leave=False, disable=disable)
             try:
                 for image in bar:
+                    if runner.lines:
+                        print(f"{image.name}: {described[image]}", flush=True)
                     res = await runner.run_image(image, out, input_dir)
                     res.input = described[image]
                     results.append(res)

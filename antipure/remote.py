@@ -36,7 +36,8 @@ from typing import Any, Callable, Mapping, Sequence
 import aiohttp
 
 from .errors import EXIT_BAD_WORKFLOW, EXIT_NO_HOST, RunnerError
-from .prompts import prepare_prompt, set_image, string_columns
+from .prompts import prepare_prompt, set_image
+from .text_outputs import TextOutputs, collect_text
 from .image_check import check_images
 from .results import ImageResult, ResultsTable, Staging, refused_inputs, reported_files
 from .scheduler import JobError, Scheduler, ServerGone
@@ -162,8 +163,8 @@ class ComfyServer:
         files = [await self._download(sub, filename, image, staging)
                  for sub, filename in reported_files({k: v for k, v in outputs.items() if k not in self.batch.viewers})]
         result = ImageResult(image=image.name, seconds=round(time.perf_counter() - t0, 3))
-        result.strings = self._strings(prompt, outputs)
-        result.outputs = staging.commit(files)
+        result.text = staging.published(self._text(prompt, outputs), SERVER_FOLDER)
+        result.outputs = staging.commit(files + staging.write_reports(result.text.reports))
         return result
 
     async def _upload(self, image: Path, staging: Staging) -> str:
@@ -212,8 +213,8 @@ class ComfyServer:
         target.write_bytes(data)
         return local
 
-    def _strings(self, prompt: Mapping[str, dict], outputs: Mapping[str, dict]) -> dict[str, str]:
-        """The results-table text columns, from the viewers' and the nodes' own UI text."""
+    def _text(self, prompt: Mapping[str, dict], outputs: Mapping[str, dict]) -> TextOutputs:
+        """The run's text (:mod:`antipure.text_outputs`), from the viewers' and the nodes' own UI text."""
         values: dict[str, list] = {}
         for vid, (nid, slot) in self.batch.viewers.items():
             text = (outputs.get(vid) or {}).get("text")
@@ -221,7 +222,7 @@ class ComfyServer:
                 values.setdefault(nid, [])
                 values[nid] += [None] * (slot + 1 - len(values[nid]))
                 values[nid][slot] = list(text)
-        return string_columns(prompt, self.batch.classes, values, {nid: outputs.get(nid) or {} for nid in prompt})
+        return collect_text(prompt, self.batch.classes, values, {nid: outputs.get(nid) or {} for nid in prompt})
 
     async def _wait(self, ws: aiohttp.ClientWebSocketResponse, prompt_id: str,
                     report: Callable[[str, dict], None]) -> dict:
