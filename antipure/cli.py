@@ -67,6 +67,11 @@ def _parser() -> argparse.ArgumentParser:
     r.add_argument("--retries", type=int, default=2, metavar="N",
                    help="with --server: how often an image is re-queued on another server after a server "
                         "failed or disappeared under it (default 2)")
+    r.add_argument("--stall-timeout", type=float, default=300.0, metavar="SECONDS",
+                   help="with --server: an image whose server sent no progress, no node start and no queue "
+                        "change for this long is stopped there and re-queued on another server; a server that "
+                        "stalls twice gets no more images (default 300; make it longer than the slowest silent "
+                        "step of the workflow, e.g. a model load; 0 = never)")
     r.add_argument("--no-progress", action="store_true", help="no progress bars")
     r.add_argument("--verbose", action="store_true", help="show the host's log")
     return p
@@ -114,8 +119,8 @@ async def _run_remote(ns: argparse.Namespace) -> list[ImageResult]:
         if value:
             raise RunnerError(EXIT_NO_HOST, f"{flag} applies to the in-process run; with --server the "
                                             "servers' own models and devices are used")
-    if ns.per_server < 1 or ns.retries < 0:
-        raise RunnerError(EXIT_NO_HOST, "--per-server must be at least 1 and --retries at least 0")
+    if ns.per_server < 1 or ns.retries < 0 or ns.stall_timeout < 0:
+        raise RunnerError(EXIT_NO_HOST, "--per-server must be at least 1, --retries and --stall-timeout at least 0")
     workflow, images = _check_inputs(ns)
     try:
         from .remote import run_remote
@@ -124,7 +129,7 @@ async def _run_remote(ns: argparse.Namespace) -> list[ImageResult]:
                                         f"run {Path(sys.executable).name} -m pip install {e.name}") from None
     return await run_remote(workflow, images, Path(ns.out), ns.servers, sets=ns.sets, image_node=ns.image_node,
                             per_server=ns.per_server, attempts=ns.retries + 1, resume=ns.resume,
-                            progress=not ns.no_progress)
+                            stall_timeout=ns.stall_timeout or None, progress=not ns.no_progress)
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -149,11 +149,21 @@ class ResultsTable:
         self.columns = list(FIXED_COLUMNS)
         self.rows: dict[tuple[str, str], dict[str, str]] = {}
         shutil.rmtree(self.out / STAGING, ignore_errors=True)  # attempts of a run that was killed
+        for tmp in self.out.glob(".results.csv.*.tmp"):  # a rewrite cut short by a kill
+            tmp.unlink(missing_ok=True)
         if resume and self.path.is_file():
             with open(self.path, newline="", encoding="utf-8") as f:
                 reader = csv.DictReader(f)
                 self.columns += [c for c in reader.fieldnames or [] if c not in self.columns]
                 self.rows = {(r["image"], r.get("lane") or ""): r for r in reader if r.get("status") == "ok"}
+
+    def clear_unfinished(self, stems: Iterable[str]) -> None:
+        """Remove ``OUT/<stem>/`` of images about to be run: what is there has no ``ok`` row (a run
+        killed while it renamed an image's files into place), and a new run must not mix with it."""
+        done = {PurePosixPath(image).stem for image in self.finished()}
+        for stem in stems:
+            if stem not in done and stem not in ("", ".", "..", STAGING):
+                shutil.rmtree(self.out / stem, ignore_errors=True)
 
     def finished(self) -> set[str]:
         """Image names (with extension) whose outputs are complete."""

@@ -215,7 +215,7 @@ def test_a_server_killed_mid_run_loses_no_image(servers, batch, tmp_path):
     lost = [(e, s) for e, s, im in events if im is not None and im.name == killed[0]]
     assert lost[:2] == [("start", victim.url), ("retry", victim.url)]
     assert lost[-1] == ("done", servers[1].url)  # re-queued on the survivor
-    assert ("server_dropped", victim.url) in [(e, s) for e, s, _ in events]
+    assert ("server_down", victim.url) in [(e, s) for e, s, _ in events]  # checked, never back: no more work
 
 
 HIDE_REQUESTS = textwrap.dedent("""
