@@ -63,3 +63,20 @@ def test_reports_name_the_committed_files_and_are_written_next_to_the_outputs(tm
     assert text.reports["r.md"] == "Appended to `face/antipure/r.json`."
     files = staging.commit(staging.write_reports(text.reports))
     assert files == ["face/r.md"] and (tmp_path / "face" / "r.md").read_text() == text.reports["r.md"] + "\n"
+
+
+def test_a_killed_runs_leftovers_are_cleared_and_finished_images_kept(tmp_path):
+    first = ResultsTable(tmp_path)
+    (tmp_path / "a").mkdir()
+    (tmp_path / "a" / "out_00001_.png").write_bytes(b"whole")
+    first.add(ImageResult("a.png", outputs=["a/out_00001_.png"]))
+    # killed while b's files were being renamed into place, and while the table was rewritten
+    (tmp_path / "b").mkdir()
+    (tmp_path / "b" / "out_00001_.png").write_bytes(b"half")
+    (tmp_path / ".partial" / "tok" / "b").mkdir(parents=True)
+    (tmp_path / ".results.csv.123.tmp").write_text("image,lane\n")
+    table = ResultsTable(tmp_path, resume=True)
+    table.clear_unfinished(["a", "b"])
+    assert table.finished() == {"a.png"}
+    assert sorted(p.relative_to(tmp_path).as_posix() for p in tmp_path.rglob("*")) == [
+        "a", "a/out_00001_.png", "results.csv"]
