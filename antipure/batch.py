@@ -157,6 +157,7 @@ async def run_batch(prompt: dict, image_input: tuple[str, str], images: Sequence
     out = Path(out).resolve()
     table = ResultsTable(out, resume=resume)
     images = [im for im in images if im.name not in table.finished()]
+    table.clear_unfinished(im.stem for im in images)  # a killed run's half-committed outputs
     described, bad = check_images(images)
     results: list[ImageResult] = refused_inputs(bad)
     for res in results:
