@@ -441,7 +441,7 @@ async def run_remote(workflow: Path, images: Sequence[Path], out: Path, urls: Se
                 tqdm.write(f"{image.name}: a second run finished on {server} after the first; its outputs "
                            "were discarded", file=sys.stderr)
             elif event == "stalled":
-                tqdm.write(f"{image.name}: {server} {data['error']}; stopped there", file=sys.stderr)
+                tqdm.write(f"{image.name}: {server} {data['error']}; stopping it there", file=sys.stderr)
             elif event == "retry":
                 tqdm.write(f"{image.name}: {server} failed ({data['error']}); re-queued", file=sys.stderr)
             elif event == "server_back":

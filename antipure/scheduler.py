@@ -118,9 +118,10 @@ class Scheduler:
         cancel_grace: seconds a stalled run may take to stop (interrupt the server) before it is left.
         on_event: ``on_event(event, server_name, item, data)`` for ``"start"``, ``"progress"`` and the
             transport's other reports (``data`` from the transport; ``"alive"`` is not passed on),
+            ``"stalled"`` (``data["error"]``, ``data["stalls"]``; sent before the run is stopped),
             ``"done"`` (``data["result"]``, once per item), ``"duplicate"`` (``data["result"]``: a
             second result of a moved job, to discard), ``"failed"`` (``data["status"]``,
-            ``data["error"]``), ``"retry"`` and ``"stalled"`` (``data["error"]``), and, with item
+            ``data["error"]``), ``"retry"`` (``data["error"]``), and, with item
             ``None``, ``"server_down"`` / ``"server_back"`` / ``"server_dropped"`` (``data["reason"]``);
             ``server_name`` is ``None`` for jobs failed because no server was left. A plain function
             called in the worker: what it raises stops the run (an interrupt, or a test's kill switch).
@@ -210,7 +211,7 @@ class Scheduler:
 
     async def _attempt(self, server: _Server, job: Job) -> tuple[str, Any]:
         """Run the job once: ``("done", result)``, ``("gone", ServerGone)``, ``("error", JobError)`` or
-        ``("stalled", seconds)``."""
+        ``("stalled", message)``."""
         loop = asyncio.get_running_loop()
         name, run_id, started = server.transport.name, job.run_id, loop.time()
 
@@ -230,13 +231,16 @@ class Scheduler:
                 left = max(started, server.last_sign) + self.stall_timeout - loop.time()
                 if left <= 0:
                     job.run_id += 1
+                    server.stalls += 1
+                    error = f"stalled: no progress or queue change for {self.stall_timeout - left:.0f} s"
+                    self._emit("stalled", name, job.item, {"error": error, "stalls": server.stalls})
                     task.cancel()  # the transport stops the job there if the server answers
                     await asyncio.wait({task}, timeout=self.cancel_grace)
                     if not task.done():  # whichever run of the job ends first gives its result
                         self._left_running.add(asyncio.ensure_future(self._outlive(server, job, task)))
                     elif not task.cancelled() and task.exception() is None:
                         return "done", task.result()  # it finished while being stopped
-                    return "stalled", loop.time() - max(started, server.last_sign)
+                    return "stalled", error
                 await asyncio.wait({task}, timeout=left)
             try:
                 return "done", task.result()
@@ -286,17 +290,14 @@ class Scheduler:
             elif job.finished:
                 pass  # another run of it already ended it
             else:
-                if outcome == "stalled":
-                    server.stalls += 1
-                    error = f"stalled: no progress or queue change for {value:.0f} s"
-                    self._emit("stalled", name, job.item, {"error": error, "stalls": server.stalls})
-                    if server.stalls >= self.max_stalls:
-                        await self._drop(server, f"stalled {server.stalls} times")
-                else:
+                error = str(value)
+                if outcome == "stalled" and server.stalls >= self.max_stalls:
+                    await self._drop(server, f"stalled {server.stalls} times")
+                elif outcome == "gone":
                     server.failures += 1
-                    error = str(value)
-                server.down = True
-                self._emit("server_down", name, None, {"reason": error})
+                if not server.dropped:
+                    server.down = True
+                    self._emit("server_down", name, None, {"reason": error})
                 job.errors.append(f"{name}: {error}")
                 job.avoid.add(name)
                 if job.attempts < self.attempts:
