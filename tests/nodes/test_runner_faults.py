@@ -156,17 +156,24 @@ def test_a_server_stopped_mid_node_stalls_and_its_image_is_redone_elsewhere(serv
         os.kill(victim.process.pid, signal.SIGCONT)
     assert time.monotonic() - t0 < BOUND
     events = on_event.events
-    assert len(results) == IMAGES and len(stops) == 2, "the stopped server never took another image"
+    assert len(results) == IMAGES and stops, "the victim was never stopped inside a node"
     assert [(e, im) for e, s, im in events if e == "stalled"] == [("stalled", im) for im in stops]
     assert all(s == victim.url for e, s, _ in events if e == "stalled")
     for name in stops:
         assert of_image(events, name)[-1] == ("done", other.url)
     server_events = [e for e, s, im in events if im is None and s == victim.url]
-    assert server_events == ["server_down", "server_back", "server_dropped"]  # twice: no more work
-    dropped = events.index(("server_dropped", victim.url, None))
-    assert not [e for e in events[dropped:] if e[1] == victim.url and e[0] in ("start", "progress")]
-    second = events.index(("stalled", victim.url, stops[1]))
-    assert not [e for e in events[second:] if e[0] == "progress" and e[1] == victim.url]  # no longer heard
+    # whether the resumed victim is checked and gets a second image before the other server has done them
+    # all depends on the machine's load; a second stall drops it (the scheduler's unit tests pin the
+    # two-stall rule with fake servers, independent of timing)
+    if len(stops) == 2:
+        assert server_events == ["server_down", "server_back", "server_dropped"]
+        dropped = events.index(("server_dropped", victim.url, None))
+        assert not [e for e in events[dropped:] if e[1] == victim.url and e[0] in ("start", "progress")]
+    else:
+        assert server_events in (["server_down"], ["server_down", "server_back"]), server_events
+    last = events.index(("stalled", victim.url, stops[-1]))
+    assert not [e for e in events[last:] if e[0] == "progress" and e[1] == victim.url  # the moved run's
+                and e[2] == stops[-1]]  # messages are no longer heard
     assert_each_image_once(tmp_path / "out", batch)
 
 
