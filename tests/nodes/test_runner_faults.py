@@ -19,7 +19,6 @@ import subprocess
 import sys
 import time
 from collections import Counter
-from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import numpy as np
@@ -31,7 +30,7 @@ from antipure.comfyui import ServerProcess
 from antipure.prompts import list_images
 from antipure.random_pixel import save_random_adm
 from antipure.remote import run_remote
-from tests.nodes.host import PACK_DIR
+from tests.nodes.host import PACK_DIR, running_servers
 from tests.nodes.test_runner_servers import COMFY_ROOT, rows
 from tests.nodes.test_workflow_tools import UIGraph, write_image
 
@@ -69,16 +68,8 @@ def servers(tmp_path_factory, models):
     for base in bases:
         (base / "models").mkdir()
         os.symlink(models / "pixel_diffusion", base / "models" / "pixel_diffusion")
-    procs = [ServerProcess(COMFY_ROOT, base) for base in bases]
-    try:
-        with ThreadPoolExecutor(2) as pool:
-            list(pool.map(lambda p: p.wait_ready(timeout=240), procs))
+    with running_servers(COMFY_ROOT, bases) as procs:
         yield procs
-    finally:
-        for p in procs:
-            if p.process.poll() is None:
-                os.kill(p.process.pid, signal.SIGCONT)  # a stopped server cannot terminate
-            p.stop()
 
 
 @pytest.fixture(scope="module")

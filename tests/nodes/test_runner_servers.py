@@ -16,7 +16,6 @@ import subprocess
 import sys
 import textwrap
 from collections import Counter
-from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import numpy as np
@@ -28,7 +27,7 @@ import nodes
 from antipure import cli, errors
 from antipure.comfyui import ServerProcess, free_port
 from antipure.remote import run_remote
-from tests.nodes.host import PACK_DIR
+from tests.nodes.host import PACK_DIR, running_servers
 from tests.nodes.test_workflow_tools import UIGraph, write_image
 
 COMFY_ROOT = Path(nodes.__file__).parent
@@ -39,14 +38,8 @@ SETS_ARGS = [arg for item in SETS for arg in ("--set", item)]
 @pytest.fixture(scope="module")
 def servers(tmp_path_factory):
     """Two running ComfyUI servers: list of :class:`ServerProcess` (ready)."""
-    procs = [ServerProcess(COMFY_ROOT, tmp_path_factory.mktemp(f"server{i}")) for i in range(2)]
-    try:
-        with ThreadPoolExecutor(2) as pool:
-            list(pool.map(lambda p: p.wait_ready(timeout=240), procs))
+    with running_servers(COMFY_ROOT, [tmp_path_factory.mktemp(f"server{i}") for i in range(2)]) as procs:
         yield procs
-    finally:
-        for p in procs:
-            p.stop()
 
 
 def noise_workflow() -> dict:
