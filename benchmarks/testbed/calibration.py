@@ -82,7 +82,7 @@ def held_out_photos(n: int = 4) -> Tensor:
 
 
 def main(argv=None) -> dict:
-    from .purifier import PurifierConfig, build_purifier
+    from .purifier import CalibratedPurifierConfig, PurifierConfig, build_purifier
     from .train import MODELS_DIR
 
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
@@ -90,8 +90,8 @@ def main(argv=None) -> dict:
     ap.add_argument("--photos", type=int, default=4, help="photos per held-out subject (default 4)")
     a = ap.parse_args(argv)
     torch.set_num_threads(1)
-    cfg = {"v2": PurifierConfig()}[a.purifier]
-    adm, info = build_purifier(cfg, MODELS_DIR, verbose=False)
+    cfg = {"v2": PurifierConfig(), "v3": CalibratedPurifierConfig()}[a.purifier]
+    adm, info = build_purifier(cfg, MODELS_DIR, verbose=True)  # trains (and caches) v3 if it is not committed
     t0 = time.perf_counter()
     out = calibrate(adm, held_out_photos(a.photos))
     out["seconds"] = round(time.perf_counter() - t0, 1)

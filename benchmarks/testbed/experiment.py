@@ -99,6 +99,9 @@ class Settings:
     curve: bool = True
     #: pixel grid the scores look for: the PFG patch in purified images, the LDM's 8-px cell in samples
     grid_patch: int = 8
+    #: common random numbers: every set of ``num_photos`` images gets the same purifier noise, so photo k of a
+    #: protected set and of the clean set differ only by the protection (survival's noise floor is 0)
+    common_noise: bool = False
     seed: int = 0
     methods: tuple = tuple(METHODS)
     purifiers: tuple = PURIFIERS
@@ -143,7 +146,17 @@ def protect_photos(name: str, ldm, adm, photos: Tensor, set_a: Tensor, cond, s: 
 
 
 def purify_all(x: Tensor, ldm, adm, s: Settings, seed: int, log: Callable = print) -> dict[str, Tensor]:
-    """Every purifier on the batch ``x``; ``gridpure@k`` after k iterations, ``gridpure`` = all of them."""
+    """Every purifier on the batch ``x``; ``gridpure@k`` after k iterations, ``gridpure`` = all of them.
+
+    With ``s.common_noise``, ``x`` is purified in sets of ``s.num_photos`` images, each with the same noise
+    (``seed``): image k of every set sees the same purifier noise.
+    """
+    if s.common_noise and x.shape[0] > s.num_photos:
+        if x.shape[0] % s.num_photos:
+            raise ValueError(f"common_noise: the batch ({x.shape[0]} images) is not made of sets of "
+                             f"num_photos = {s.num_photos}")
+        parts = [purify_all(part, ldm, adm, s, seed, log) for part in x.split(s.num_photos)]
+        return {col: torch.cat([p[col] for p in parts]) for col in parts[0]}
     out = {"none": x}
     if "gridpure" in s.purifiers:
         g, y, t0 = torch.Generator().manual_seed(seed), x, time.perf_counter()

@@ -50,19 +50,75 @@ class PurifierConfig:
     crops: int = 8192
     model_channels: int = ADM_CONFIG.model_channels
     seed: int = 0
+    # Fixed in v2: class attributes, not fields, so v2's config key (and its committed weights) stay as they
+    # were; :class:`CalibratedPurifierConfig` makes them fields.
+    channel_mult = ADM_CONFIG.channel_mult
+    num_res_blocks = ADM_CONFIG.num_res_blocks
+    #: permute the colour channels of training crops
+    colour_permute = True
+    #: this share of the timesteps is drawn from ``[0, low_t)`` (the rest from ``[0, t_max)``)
+    low_t_share = 0.0
+    low_t = 0
+    #: weight of the low-frequency ε error (see :func:`diffusion_loss`)
+    lowfreq_weight = 0.0
 
     def adm(self) -> ADMConfig:
-        return replace(ADM_CONFIG, model_channels=self.model_channels)
+        return replace(ADM_CONFIG, model_channels=self.model_channels, channel_mult=tuple(self.channel_mult),
+                       num_res_blocks=self.num_res_blocks)
+
+    def timesteps(self, n: int, g: torch.Generator) -> torch.Tensor:
+        """``(n,)`` training timesteps: uniform on ``[0, t_max)``, a ``low_t_share`` of them on ``[0, low_t)``."""
+        t = torch.randint(self.t_max, (n,), generator=g)
+        if not self.low_t_share:
+            return t
+        low = torch.rand(n, generator=g) < self.low_t_share
+        return torch.where(low, torch.randint(self.low_t, (n,), generator=g), t)
+
+
+@dataclass(frozen=True)
+class CalibratedPurifierConfig(PurifierConfig):
+    """Testbed v3's purifier: calibrated so that GrIDPure 2 × 20 leaves clean photos nearly unchanged.
+
+    GrIDPure runs the model only at t ≤ t* − 1 = 9 and AntiPure attacks it at
+    t ≤ 2 t^p = 20, so half the training timesteps are drawn below ``low_t``;
+    no colour permutations; and the ε error of local means (4 and 8 px, and
+    the whole crop) weighted up: plain ε-MSE weighs a crop's mean error by
+    1/1024, so v2 learned a per-channel ε bias of ~0.05 at t < 10 that
+    GrIDPure's 400 denoising steps add up to a colour drift of 15/255.
+    """
+
+    steps: int = 4000
+    model_channels: int = 8
+    channel_mult: tuple = ADM_CONFIG.channel_mult
+    num_res_blocks: int = 1
+    colour_permute: bool = False
+    low_t_share: float = 0.5
+    low_t: int = 20
+    lowfreq_weight: float = 0.5
 
 
 def _normal_kl(mean1, logvar1, mean2, logvar2):
     return 0.5 * (-1.0 + logvar2 - logvar1 + (logvar1 - logvar2).exp() + (mean1 - mean2).square() * (-logvar2).exp())
 
 
-def diffusion_loss(model: PixelDiffusion, x0, t, noise, vlb_weight: float):
+def lowfreq_error(err):
+    """``(B,)``: mean squared error of ``err``'s 4-px, 8-px and whole-image means, each scaled to a pixel's weight.
+
+    Plain MSE weighs the mean of a k×k block by 1/k² of its pixels; this
+    term gives each scale the weight of one pixel's error, so a bias that
+    iterated purification accumulates (a local colour shift) costs as much as
+    per-pixel noise. Its minimiser is still E[ε | x_t].
+    """
+    terms = [F.avg_pool2d(err, k).square().flatten(1).mean(1) * k * k for k in (4, 8)]
+    terms.append(err.mean((2, 3)).square().mean(1) * err.shape[-1] * err.shape[-2])
+    return sum(terms) / len(terms)
+
+
+def diffusion_loss(model: PixelDiffusion, x0, t, noise, vlb_weight: float, lowfreq_weight: float = 0.0):
     """guided-diffusion's hybrid loss per sample: MSE(ε̂, ε) + ``vlb_weight`` · KL(q(x_{t−1}|x_t,x_0) ‖ p) (t ≥ 1).
 
     The KL sees ε̂ detached, so only the variance channels learn from it (improved DDPM's L_hybrid).
+    ``lowfreq_weight`` adds :func:`lowfreq_error` of ε̂ − ε (testbed v3). Returns (loss, ε-MSE).
     """
     x_t = q_sample(model, x0, t, noise)
     out = model.unet_output(x_t, t)
@@ -74,17 +130,20 @@ def diffusion_loss(model: PixelDiffusion, x0, t, noise, vlb_weight: float):
     true_logvar = gather(model.posterior_log_variance_clipped, t, x_t)
     kl = _normal_kl(true_mean, true_logvar, pred_mean, log_var).flatten(1).mean(1) / 0.6931471805599453
     kl = torch.where(t > 0, kl, torch.zeros_like(kl))  # t = 0 is the decoder term; ε-MSE covers it here
-    return mse + vlb_weight * kl, mse
+    loss = mse + vlb_weight * kl
+    if lowfreq_weight:
+        loss = loss + lowfreq_weight * lowfreq_error(eps - noise)
+    return loss, mse
 
 
-def augment(x, g: torch.Generator):
-    """Random flips, 90° rotations and colour-channel permutations, one draw per image."""
+def augment(x, g: torch.Generator, colour_permute: bool = True):
+    """Random flips, 90° rotations and (with ``colour_permute``) colour-channel permutations, one draw per image."""
     out = torch.empty_like(x)
     for i in range(x.shape[0]):
         k, flip, perm = int(torch.randint(4, (1,), generator=g)), bool(torch.rand(1, generator=g) < 0.5), \
             torch.randperm(3, generator=g)
         y = torch.rot90(x[i], k, (1, 2))
-        out[i] = (y.flip(-1) if flip else y)[perm]
+        out[i] = (y.flip(-1) if flip else y)[perm if colour_permute else slice(None)]
     return out
 
 
@@ -101,9 +160,9 @@ def train_purifier(cfg: PurifierConfig, verbose: bool = True) -> tuple[PixelDiff
     running, t0 = None, time.perf_counter()
     for i in range(cfg.steps):
         idx = torch.randint(data.shape[0], (cfg.batch,), generator=g)
-        x0 = augment(data[idx], g)
-        t = torch.randint(cfg.t_max, (cfg.batch,), generator=g)
-        loss, mse = diffusion_loss(model, x0, t, randn_like(x0, g), cfg.vlb_weight)
+        x0 = augment(data[idx], g, cfg.colour_permute)
+        t = cfg.timesteps(cfg.batch, g)
+        loss, mse = diffusion_loss(model, x0, t, randn_like(x0, g), cfg.vlb_weight, cfg.lowfreq_weight)
         opt.zero_grad(set_to_none=True)
         loss.mean().backward()
         torch.nn.utils.clip_grad_norm_(model.unet.parameters(), 1.0)

@@ -78,7 +78,8 @@ def _purify(args):
     k, images, s, train, pur, models_dir = args
     t0 = time.process_time()
     ldm, adm = _worker_models(train, pur, models_dir)
-    out = purify_all(images, ldm, adm, s, seed=s.seed + 500_000 + k,
+    # with common random numbers both batches draw the same noise, so every set's photo k sees the same
+    out = purify_all(images, ldm, adm, s, seed=s.seed + 500_000 + (0 if s.common_noise else k),
                      log=lambda m: print(f"[purify batch {k}] {m.strip()}", flush=True))
     return out, time.process_time() - t0
 

@@ -5,6 +5,7 @@ plumbing and the bookkeeping the tables rely on, not the numbers (those come
 from ``python -m benchmarks.testbed.run``).
 """
 import math
+from dataclasses import replace
 
 import pytest
 import torch
@@ -178,8 +179,6 @@ def test_committed_models_match_the_configs_and_work():
 
 def test_purify_jobs_routes_every_image_back_to_its_job():
     """Two budgets x two subjects in two batches: each job gets its own protected sets, clean photos once per subject."""
-    from dataclasses import replace
-
     from benchmarks.testbed.run import purify_jobs
     from benchmarks.testbed.train import MODELS_DIR
 
@@ -200,3 +199,21 @@ def test_purify_jobs_routes_every_image_back_to_its_job():
         assert torch.equal(got["random"], protected[j]["random"])
         assert torch.equal(got["none"], protected[first]["none"])
         assert torch.equal(got["clean"], protected[first]["none"])
+
+
+def test_common_noise_purifies_every_set_with_the_same_noise(ldm, adm):
+    """With common random numbers the clean photos purified twice agree exactly, so survival's floor is 0."""
+    s = _tiny_settings(gridpure_iterations=1, gridpure_t_star=2, methods=("none",), purifiers=("gridpure", "diffpure"),
+                       num_photos=2, common_noise=True)
+    x = data.subject_views("astronaut", n=2)
+    out = experiment.purify_all(torch.cat([x, x, x]), ldm, adm, s, seed=3, log=lambda *_: None)
+    for col in ("gridpure", "diffpure"):
+        a, b, c = out[col].split(2)
+        assert torch.equal(a, b) and torch.equal(a, c)
+        assert not torch.equal(a[0], a[1])  # within a set, each photo still gets its own noise
+    independent = experiment.purify_all(torch.cat([x, x]), ldm, adm, replace(s, common_noise=False), seed=3,
+                                        log=lambda *_: None)
+    a, b = independent["gridpure"].split(2)
+    assert not torch.equal(a, b)
+    with pytest.raises(ValueError, match="num_photos"):
+        experiment.purify_all(torch.cat([x, x[:1]]), ldm, adm, s, seed=3, log=lambda *_: None)
