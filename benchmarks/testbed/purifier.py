@@ -87,14 +87,14 @@ class CalibratedPurifierConfig(PurifierConfig):
     GrIDPure's 400 denoising steps add up to a colour drift of 15/255.
     """
 
-    steps: int = 4000
+    steps: int = 1500
     model_channels: int = 8
     channel_mult: tuple = ADM_CONFIG.channel_mult
     num_res_blocks: int = 1
     colour_permute: bool = False
     low_t_share: float = 0.5
     low_t: int = 20
-    lowfreq_weight: float = 0.5
+    lowfreq_weight: float = 1.0
 
 
 def _normal_kl(mean1, logvar1, mean2, logvar2):

@@ -4,8 +4,9 @@ Untrained or barely trained weights and a handful of steps: this checks the
 plumbing and the bookkeeping the tables rely on, not the numbers (those come
 from ``python -m benchmarks.testbed.run``).
 """
+import json
 import math
-from dataclasses import replace
+from dataclasses import asdict, replace
 
 import pytest
 import torch
@@ -217,3 +218,30 @@ def test_common_noise_purifies_every_set_with_the_same_noise(ldm, adm):
     assert not torch.equal(a, b)
     with pytest.raises(ValueError, match="num_photos"):
         experiment.purify_all(torch.cat([x, x[:1]]), ldm, adm, s, seed=3, log=lambda *_: None)
+
+
+def test_committed_v3_purifier_is_its_configs_own():
+    """Testbed v3's calibrated purifier is committed under its config's key; v2's config key is unchanged."""
+    from benchmarks.testbed.purifier import CalibratedPurifierConfig, build_purifier, denoise_psnr
+    from benchmarks.testbed.train import MODELS_DIR
+    from benchmarks.testbed.weights import config_key
+
+    assert config_key(PurifierConfig()) == "94be56a636"  # v2's committed weights still load
+    cfg = CalibratedPurifierConfig()
+    assert config_key(cfg) != config_key(PurifierConfig())
+    adm, info = build_purifier(cfg, MODELS_DIR, verbose=False)
+    assert info["cached"], "retrain: python -m benchmarks.testbed.calibration --purifier v3, then commit models/"
+    assert info["config"] == json.loads(json.dumps(asdict(cfg)))  # tuples come back from JSON as lists
+    got = denoise_psnr(adm, n=16)
+    assert got["denoised_db"] > got["noisy_db"] + 2
+
+
+def test_lowfreq_error_weighs_a_mean_shift_like_one_pixel():
+    from benchmarks.testbed.purifier import lowfreq_error
+
+    shift = torch.full((1, 3, 32, 32), 0.1)
+    # a constant error has the same mean at every scale: each term is 0.01 x (pixels pooled), averaged
+    assert float(lowfreq_error(shift)) == pytest.approx(0.01 * (16 + 64 + 1024) / 3)
+    noise = torch.randn(64, 3, 32, 32, generator=torch.Generator().manual_seed(0))
+    # white noise: each pooled mean has variance 1 / k^2, scaled back to ~1
+    assert float(lowfreq_error(noise).mean()) == pytest.approx(1.0, rel=0.1)
