@@ -18,6 +18,7 @@ import comfy.sampler_helpers as sampler_helpers
 import comfy.samplers as samplers
 import comfy.utils as comfy_utils
 import comfy.weight_adapter as weight_adapter
+import comfy_extras.nodes_model_merging as nodes_model_merging
 import comfy_extras.nodes_train as nodes_train
 import folder_paths
 from comfy_extras.nodes_upscale_model import ImageUpscaleWithModel
@@ -29,4 +30,4 @@ __all__ = [
 ]
 __all__ += ["weight_adapter", "nodes_train"]
 __all__ += ["sample", "ImageUpscaleWithModel", "vae_modules"]
-__all__ += ["openaimodel"]
+__all__ += ["openaimodel", "nodes_model_merging"]

@@ -23,8 +23,8 @@ import torch
 from ..antipure_core.customize import Prior
 from ..antipure_core.surrogate import SurrogateSettings, generated_prior, inner_steps, protect_surrogate
 from . import bridge, checkpointing
-from .comfy_host import nodes_train
 from .customize import image_batch, prediction_type, training_clone
+from .dreambooth import add_differences
 from .lora_adapters import attach_lora, target_keys, trainable_parameters
 from .progress import host_callback
 
@@ -61,18 +61,7 @@ def attach_full(model):
         ``(clone, params)``; the clone initially predicts exactly what ``model`` predicts.
     """
     mp = model.clone()
-    params = []
-    with torch.inference_mode(False):
-        for name, m in mp.model.named_modules():
-            if not name.startswith("diffusion_model.") or not hasattr(m, "weight_function"):
-                continue
-            for attr in ("weight", "bias"):
-                w = getattr(m, attr, None)
-                if isinstance(w, torch.Tensor):
-                    diff = torch.nn.Parameter(torch.zeros(w.shape, dtype=torch.float32))
-                    mp.add_weight_wrapper(f"{name}.{attr}", nodes_train.BiasDiff(diff))
-                    params.append(diff)
-    return mp, params
+    return mp, list(add_differences(mp, "diffusion_model.").values())
 
 
 def _prior(cfg: HostSurrogate, dm, x: torch.Tensor, seed: int) -> Optional[Prior]:

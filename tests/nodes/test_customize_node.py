@@ -102,7 +102,7 @@ def trained(node, tiny_model, encode_text, loras_dir):
 # --- training and the saved file -----------------------------------------------------------------------------
 
 def test_trains_records_losses_and_progress(trained):
-    mp, saved, loss = trained["out"].args
+    mp, saved, loss = trained["out"].args[:3]
     assert set(loss) == {"loss"} and len(loss["loss"]) == STEPS
     assert all(isinstance(v, float) and math.isfinite(v) and v > 0 for v in loss["loss"])
     assert trained["progress"][-1] == (STEPS, STEPS) and len(trained["progress"]) == STEPS
@@ -112,7 +112,7 @@ def test_trains_records_losses_and_progress(trained):
 
 
 def test_saved_file_uses_host_lora_keys(trained, loras_dir):
-    mp, saved, _ = trained["out"].args
+    mp, saved, _ = trained["out"].args[:3]
     path = loras_dir / saved
     sd = comfy.utils.load_torch_file(str(path), safe_load=True)
     key_map = comfy.lora.model_lora_keys_unet(trained["model"].model, {})
@@ -137,7 +137,7 @@ def test_saved_file_uses_host_lora_keys(trained, loras_dir):
 
 
 def test_saved_lora_reloads_to_the_returned_model(trained):
-    mp, saved, _ = trained["out"].args
+    mp, saved, _ = trained["out"].args[:3]
     positive = trained["positive"]
     with torch.inference_mode():
         reloaded = nodes.LoraLoaderModelOnly().load_lora_model_only(trained["model"], saved, 1.0)[0]
@@ -199,7 +199,7 @@ def test_v_model_trains_on_the_v_loss(node, tiny_model, encode_text, loras_dir):
     with torch.inference_mode():
         out = node.execute(**node_args(model, vae, encode_text(clip), images=[host_image(h=32, w=32)], steps=1,
                                        lora_name="v/sks"))
-    _, saved, loss = out.args
+    _, saved, loss = out.args[:3]
     assert math.isfinite(loss["loss"][0])
     with safetensors.safe_open(str(loras_dir / saved), "pt") as f:
         assert json.loads(f.metadata()["antipure_customize"])["prediction"] == "v"
@@ -220,18 +220,27 @@ def test_existing_file_is_never_overwritten(pack, loras_dir):
 
 # --- graphs ---------------------------------------------------------------------------------------------------
 
-def customize_graph(ckpt, images, lora_name, steps, prior=False):
+def widget_defaults(**overrides):
+    """Every required widget of the node at its schema default (an API prompt must name them all)."""
+    schema = nodes.NODE_CLASS_MAPPINGS["AntiPureCustomize"].define_schema()
+    values = {i.id: i.default for i in schema.inputs if not i.optional and getattr(i, "default", None) is not None}
+    values.update(overrides)
+    return values
+
+
+def customize_graph(ckpt, images, lora_name, steps, prior=False, **widgets):
     g = GraphBuilder(prefix="")
     loader = g.node("CheckpointLoaderSimple", ckpt_name=ckpt)
     text = g.node("CLIPTextEncode", clip=loader.out(1), text="a photo of sks person")
     extra = {}
     if prior:
         extra = dict(class_positive=g.node("CLIPTextEncode", clip=loader.out(1), text="a photo of person").out(0),
-                     class_images=g.node("LoadImage", image=images[1]).out(0))
+                     class_images=g.node("LoadImage", image=images[1]).out(0),
+                     class_image_count=2, class_sampling_steps=2)  # one given, one generated
+    widgets = widget_defaults(**dict(dict(lora_name=lora_name, steps=steps, learning_rate=1e-4, batch_size=1,
+                                          gradient_checkpointing=False), **widgets))
     cz = g.node("AntiPureCustomize", model=loader.out(0), vae=loader.out(2),
-                images=g.node("LoadImage", image=images[0]).out(0), positive=text.out(0), lora_name=lora_name,
-                steps=steps, learning_rate=1e-4, rank=4, alpha=4.0, target="attention", batch_size=1,
-                grad_accumulation=1, seed=0, gradient_checkpointing=False, prior_weight=1.0, **extra)
+                images=g.node("LoadImage", image=images[0]).out(0), positive=text.out(0), **{**widgets, **extra})
     return g, loader, text, cz
 
 
@@ -268,8 +277,8 @@ def test_cancel_stops_within_one_step_and_saves_nothing(graph, tiny_checkpoint, 
     assert not list(loras_dir.glob("cancelled*"))
 
 
-def test_graph_rejects_zero_steps(graph, tiny_checkpoint, input_images):
-    g, *_ = customize_graph(tiny_checkpoint("sd15"), input_images, "zero", steps=0)
+def test_graph_rejects_negative_steps(graph, tiny_checkpoint, input_images):
+    g, *_ = customize_graph(tiny_checkpoint("sd15"), input_images, "zero", steps=-1)
     result = graph.run(g)
     assert not result.ok and "steps" in result.error
 
@@ -286,16 +295,17 @@ def parts(tiny_model, encode_text):
     (dict(images=[host_image()[:0]]), "images: the batch is empty"),
     (dict(images=[host_image(), host_image(h=32)]), r"images\[1\]: size \(32, 64\) differs"),
     (dict(images=[torch.rand(1, SIZE, SIZE, 2)]), "images: expected 1, 3 or 4 channels"),
-    (dict(steps=0), "steps: must be an integer >= 1"),
+    (dict(steps=-1), "steps: must be an integer >= 1"),
     (dict(rank=0), "rank: must be an integer >= 1"),
     (dict(alpha=-1.0), "alpha: must be finite and > 0"),
-    (dict(learning_rate=0.0), "learning_rate: must be finite and > 0"),
+    (dict(learning_rate=-1.0), "learning_rate: must be finite and > 0"),
     (dict(grad_accumulation=0), "grad_accumulation: must be an integer >= 1"),
-    (dict(batch_size=0), "batch_size: must be an integer >= 1"),
+    (dict(batch_size=-1), "batch_size: must be an integer >= 1"),
     (dict(target="everything"), "target: expected one of"),
     (dict(lora_name="../escape"), "lora_name: '../escape' is not a usable file name"),
     (dict(lora_name="/tmp/abs"), "lora_name: '/tmp/abs' is not a usable file name"),
     (dict(class_images=host_image()), "class_positive: prior preservation needs both"),
+    (dict(class_positive="person", class_image_count=0), "class_positive: expected a CONDITIONING"),
     (dict(positive="a photo of sks person"), "positive: expected a CONDITIONING"),
 ])
 def test_bad_inputs_raise_naming_the_input(node, parts, loras_dir, change, match):
