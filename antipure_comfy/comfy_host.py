@@ -6,6 +6,7 @@ the host's API is fixed in one place. Importing this module needs a running
 """
 from __future__ import annotations
 
+import comfy.clip_model as clip_model
 import comfy.latent_formats as latent_formats
 import comfy.ldm.modules.diffusionmodules.model as vae_modules
 import comfy.ldm.modules.diffusionmodules.openaimodel as openaimodel
@@ -30,4 +31,4 @@ __all__ = [
 ]
 __all__ += ["weight_adapter", "nodes_train"]
 __all__ += ["sample", "ImageUpscaleWithModel", "vae_modules"]
-__all__ += ["openaimodel", "nodes_model_merging"]
+__all__ += ["openaimodel", "nodes_model_merging", "clip_model"]

@@ -27,7 +27,7 @@ import os
 import torch
 
 from . import bridge
-from .comfy_host import comfy_utils, folder_paths, model_management, nodes_model_merging, sample
+from .comfy_host import clip_model, comfy_utils, folder_paths, model_management, nodes_model_merging, sample
 from .comfy_host import nodes_train
 
 #: diffusers' pipeline guidance scale, with which DreamBooth generates its class images
@@ -71,15 +71,29 @@ def with_differences(patchable, diffs: dict):
     return out
 
 
+def _residual_out_of_place(layer):
+    # the host's CLIPLayer adds its residuals in place (x += ...), over the input its LayerNorm saved for
+    # backward; the same sums out of place, for the length of a training session only
+    def forward(x, mask=None, optimized_attention=None):
+        x = x + layer.self_attn(layer.layer_norm1(x), mask, optimized_attention)
+        return x + layer.mlp(layer.layer_norm2(x))
+    return forward
+
+
 @contextlib.contextmanager
 def text_encoder_session(clip):
     """The CLIP loaded fully and differentiable (as :func:`.bridge.session` does for MODEL and VAE)."""
+    layers = [m for m in clip.cond_stage_model.modules() if isinstance(m, clip_model.CLIPLayer)]
     with torch.inference_mode(False), torch.enable_grad():
         model_management.load_models_gpu([clip.patcher], force_full_load=True)
         undo = bridge.swap_in_plain_tensors(clip.cond_stage_model)
         try:
+            for m in layers:
+                m.forward = _residual_out_of_place(m)
             yield
         finally:
+            for m in layers:
+                del m.forward
             bridge.restore(undo)
 
 
