@@ -32,7 +32,9 @@ DEMO_SETTINGS = [
     "Latent.width=64", "Latent.height=64", "Latent.batch_size=2",
     *[f"{p} LoRA.steps=10" for p in ("DiffPure", "GrIDPure", "JPEG")],
     *[f"{p} LoRA.gradient_checkpointing=false" for p in ("DiffPure", "GrIDPure", "JPEG")],
-    *[f"{p} sample.steps=4" for p in ("DiffPure", "GrIDPure", "JPEG")],
+    *[f"{p} sample.steps=4" for p in ("DiffPure", "GrIDPure", "JPEG", "DreamBooth")],
+    "DreamBooth model.steps=10", "DreamBooth model.learning_rate=1e-5", "DreamBooth model.class_image_count=2",
+    "DreamBooth model.class_sampling_steps=4", "DreamBooth model.gradient_checkpointing=false",
 ]
 
 

@@ -29,6 +29,7 @@ WORKFLOWS_DIR = PACK_ROOT / "example_workflows"
 CHECKPOINT = "v1-5-pruned-emaonly.safetensors"
 PIXEL_CHECKPOINT = "256x256_diffusion_uncond.pt"  # guided-diffusion's ADM, the purifier the paper attacks
 INSTANCE_PROMPT = "a photo of sks person"
+CLASS_PROMPT = "a photo of person"
 
 MODEL, CLIP, VAE, PROMPT = ("Checkpoint", 0), ("Checkpoint", 1), ("Checkpoint", 2), ("Prompt", 0)
 SD_PURIFIER = {"model": MODEL, "vae": VAE, "positive": PROMPT}  # purify through the loaded SD model
@@ -120,7 +121,9 @@ def protect_workflow() -> Graph:
 STRESS_NOTE = """## Protection stress test
 Protects the images, then plays the attacker: each lane **purifies** the protected images
 ({lanes}), **fine-tunes** a DreamBooth LoRA on them, **generates** the instance prompt and
-**scores** the result (reports on the right, files in output/antipure/).
+**scores** the result (reports on the right, files in output/antipure/). The last lane runs
+full DreamBooth (UNet + text encoder, prior preservation, Anti-DreamBooth's settings) on the
+GrIDPure-purified images, as the paper's tables do.
 
 **Change first:** *Images*, *Checkpoint*, the identity token in *Prompt*; then *eta*/*steps*
 on *Protect*. *Protect* attacks the pixel purifier in *Purifier* (guided-diffusion's
@@ -158,7 +161,34 @@ def stress_test_workflow() -> Graph:
               col=1, **at),
             _report(f"{title} report", scores, col=2, lane=lane, color=color),
         ]
+    g += _dreambooth_lane(len(PURIFIER_LANES))
     return Graph(_stages(INPUTS, PROTECT, PURIFY, CUSTOMIZE, GENERATE, EVALUATE), g)
+
+
+def _dreambooth_lane(lane: int) -> list[N]:
+    """The paper's attack: DreamBooth (full UNet + text encoder, prior preservation with class images the
+    model generates) on the GrIDPure-purified images; Customize's defaults are Anti-DreamBooth's."""
+    title, color = "DreamBooth", LANE_COLORS[lane % len(LANE_COLORS)]
+    at = {"lane": lane, "collapsed": True, "color": color}
+    model, sample, decode, scores = (f"{title} model", f"{title} sample", f"{title} decode", f"{title} scores")
+    return [
+        N("Class prompt", "CLIPTextEncode", INPUTS, {"clip": CLIP, "text": CLASS_PROMPT}, collapsed=True),
+        N(model, "AntiPureCustomize", CUSTOMIZE,
+          {"model": MODEL, "vae": VAE, "clip": CLIP, "images": ("GrIDPure", 0), "positive": PROMPT,
+           "class_positive": ("Class prompt", 0), "training": "dreambooth", "lora_name": "",
+           "instance_prompt": INSTANCE_PROMPT, "class_prompt": CLASS_PROMPT}, **at),
+        N(sample, "KSampler", GENERATE, {"model": (model, 0), "positive": PROMPT, "negative": ("Negative", 0),
+                                         "latent_image": ("Latent", 0), "steps": 30, "cfg": 7.0}, **at),
+        N(decode, "VAEDecode", GENERATE, {"samples": (sample, 0), "vae": VAE}, col=1, **at),
+        N(scores, "AntiPureEvaluate", EVALUATE,
+          {"clean": ("Images", 0), "protected": ("Protect", 0), "purified": ("GrIDPure", 0),
+           "generated": (decode, 0), "label": "antipure+gridpure+dreambooth",
+           "filename_prefix": "antipure/stress_test"}, **at),
+        N(f"{title} strip", "SaveImage", EVALUATE, {"images": (scores, 1),
+                                                     "filename_prefix": "antipure/comparison_dreambooth"},
+          col=1, **at),
+        _report(f"{title} report", scores, col=2, lane=lane, color=color),
+    ]
 
 
 COMPARISON_NOTE = """## Protection methods compared

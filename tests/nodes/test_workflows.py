@@ -136,7 +136,9 @@ def test_stress_test_runs_end_to_end(host, prompt_for, output_dir, tmp_path):
     sets = [s for s in DEMO_SETTINGS if not s.startswith(("Checkpoint.", "Purifier."))]
     sets += ["Protect.steps=2", "Latent.width=32", "Latent.height=32", "Latent.batch_size=1"]
     sets += [f"{p} LoRA.steps=3" for p in ("DiffPure", "GrIDPure", "JPEG")]
-    sets += [f"{p} sample.steps=2" for p in ("DiffPure", "GrIDPure", "JPEG")]
+    sets += [f"{p} sample.steps=2" for p in ("DiffPure", "GrIDPure", "JPEG", "DreamBooth")]
+    sets += ["DreamBooth model.steps=2", "DreamBooth model.class_image_count=1",
+             "DreamBooth model.class_sampling_steps=2"]
     prompt = prompt_for(PACK_DIR / "example_workflows" / "antipure_stress_test.json", sets)
     images = tmp_path / "images"
     images.mkdir()
@@ -149,7 +151,10 @@ def test_stress_test_runs_end_to_end(host, prompt_for, output_dir, tmp_path):
     assert len(rows) == 1 and rows[0]["status"] == "ok"
     # each Evaluate score is a column of its own, FID included (it names the missing weights here)
     fid = [v for k, v in rows[0].items() if k.endswith(".generated/fid")]
-    assert len(fid) == 3 and all("not available" in v for v in fid), rows[0].keys()
+    assert len(fid) == 4 and all("not available" in v for v in fid), rows[0].keys()
+    # the DreamBooth lane has its own columns; its Customize summary says what it trained
+    assert any(k.startswith("DreamBooth scores.") for k in rows[0]), rows[0].keys()
+    assert "(dreambooth)" in rows[0]["DreamBooth model.text"] and "text encoder" in rows[0]["DreamBooth model.text"]
     assert all(float(v) > 0 for k, v in rows[0].items() if k.endswith(".protected/psnr"))
     written = {p.name for p in (tmp_path / "out").rglob("*")}
     assert any(n.endswith(".csv") and "stress_test" in n for n in written), written
