@@ -184,4 +184,4 @@ def test_bad_inputs_raise_naming_the_input(node, tiny_model, encode_text, checkp
         change["class_positive"] = encode_text(clip, "a photo of person")
     with pytest.raises(ValueError, match=match):
         run(node, model, change.pop("clip", clip), vae, encode_text(clip), **change)
-    assert not list(checkpoints_dir.rglob("db_*")) and not list(checkpoints_dir.parent.glob("up*"))
+    assert not list(checkpoints_dir.rglob("db_0*")) and not list(checkpoints_dir.parent.glob("up*"))
