@@ -38,10 +38,12 @@ from .progress import host_callback
 log = logging.getLogger(__name__)
 
 TRAINING = ("lora", "dreambooth")
-#: what ``steps``, ``learning_rate`` and ``batch_size`` = 0 mean: DreamBooth-LoRA's (diffusers) and
-#: Anti-DreamBooth's DreamBooth settings (its scripts/train_dreambooth_alone.sh, see :mod:`.dreambooth`)
-DEFAULTS = {"lora": dict(steps=400, learning_rate=1e-4, batch_size=1),
-            "dreambooth": dict(steps=1000, learning_rate=5e-7, batch_size=2)}
+#: what 0 in these inputs means: DreamBooth-LoRA's (diffusers) and Anti-DreamBooth's DreamBooth settings
+#: (its scripts/train_dreambooth_alone.sh, see :mod:`.dreambooth`). The LoRA column is the node's behaviour
+#: before the dreambooth mode existed (no clipping, no generated class images), so old graphs train the same.
+DEFAULTS = {"lora": dict(steps=400, learning_rate=1e-4, batch_size=1, max_grad_norm=None, class_image_count=0),
+            "dreambooth": dict(steps=1000, learning_rate=5e-7, batch_size=2, max_grad_norm=1.0,
+                               class_image_count=200)}
 
 
 def _one(values, name: str):
@@ -100,14 +102,15 @@ def customize_model(node_id=None, **inputs):
 
     Checks everything before any model work, trains a LoRA or (``training='dreambooth'``) every UNet
     weight and optionally the text encoder on clones, saves the LoRA / checkpoint when named and returns
-    ``(MODEL, CLIP or None, saved file name, {"loss": losses}, summary)``.
+    ``(MODEL, CLIP or None, saved LoRA name, saved checkpoint name, {"loss": losses}, summary)``.
+    Inputs a graph saved before the dreambooth mode lacks take the LoRA behaviour of that time.
     """
     a = _lists_to_values(inputs)
     training = a.get("training") or "lora"
     if training not in TRAINING:
         raise ValueError(f"training: expected one of {TRAINING}, got {training!r}")
     for key, value in DEFAULTS[training].items():
-        if a.get(key) == 0:  # 0 = this mode's literature default
+        if not a.get(key):  # 0 or absent (a graph saved before the input existed) = this mode's default
             a[key] = value
     model, vae, positive, clip = a["model"], a["vae"], a["positive"], a.get("clip")
     bridge.check_supported(model)
@@ -119,9 +122,11 @@ def customize_model(node_id=None, **inputs):
     _check_int(batch_size, "batch_size", "0 = the mode's default; DreamBooth 2, DreamBooth-LoRA 1")
     _check_int(grad_accum, "grad_accumulation", "1 = none")
     _check_positive(lr, "learning_rate", "0 = the mode's default; DreamBooth 5e-7, DreamBooth-LoRA 1e-4")
-    max_norm = a.get("max_grad_norm", 0.0) or None
-    if max_norm is not None:
-        _check_positive(max_norm, "max_grad_norm", "DreamBooth: 1.0; 0 = no clipping")
+    max_norm = a["max_grad_norm"]
+    if max_norm is not None and max_norm < 0:
+        max_norm = None  # -1: never clip
+    elif max_norm is not None:
+        _check_positive(max_norm, "max_grad_norm", "DreamBooth: 1.0; 0 = the mode's default, -1 = no clipping")
     precision, opt_name = a.get("precision") or "auto", a.get("optimizer") or "adamw"
     if precision not in db.PRECISIONS:
         raise ValueError(f"precision: expected one of {db.PRECISIONS}, got {precision!r}")
@@ -135,12 +140,12 @@ def customize_model(node_id=None, **inputs):
         raise ValueError("class_positive: prior preservation needs both class_positive and class_images (or "
                          "class_image_count to generate them); connect class_positive or disconnect class_images")
     given = image_batch(class_images, "class_images") if class_images is not None else None
-    wanted = a.get("class_image_count") or 0
+    wanted = a["class_image_count"]
     if class_positive is not None:
         bridge.check_conditioning(class_positive, "class_positive")
         if given is None and wanted < 1:
-            raise ValueError("class_image_count: prior preservation (class_positive connected) needs class images; "
-                             "connect class_images or set class_image_count >= 1 (DreamBooth: 200) to generate them")
+            raise ValueError("class_images: prior preservation (class_positive connected) needs class images; "
+                             "connect class_images, or set class_image_count >= 1 to generate them")
     lora_stem = lora_file_stem(a["lora_name"]) if training == "lora" and (a.get("lora_name") or "").strip() else None
     ckpt_stem = None
     if training == "dreambooth" and (a.get("checkpoint_name") or "").strip():
@@ -192,13 +197,14 @@ def customize_model(node_id=None, **inputs):
         what = f"every UNet weight ({len(diffs)} tensors)" + (
             f" and the text encoder ({len(te_diffs)} tensors)" if train_te else "")
 
-    summary = (f"Customized {family} ({training}) on {x.shape[0]} image(s): {steps} steps, {what}, "
+    mode = "" if training == "lora" else f" ({training})"  # the LoRA summary reads as before the mode existed
+    summary = (f"Customized {family}{mode} on {x.shape[0]} image(s): {steps} steps, {what}, "
                f"{prediction}-loss {losses[0]:.4g} -> {losses[-1]:.4g}.")
     settings = dict(training=training, steps=steps, learning_rate=lr, batch_size=batch_size,
                     grad_accumulation=grad_accum, seed=a["seed"], prediction=prediction, max_grad_norm=max_norm,
                     prior_weight=prior.weight if prior is not None else None, images=int(x.shape[0]), base=family,
                     final_loss=losses[-1])
-    saved = ""
+    saved, saved_ckpt = "", ""
     if lora_stem is not None:
         settings.update(rank=a["rank"], alpha=a["alpha"], target=a["target"])
         metadata = {"ss_network_module": "networks.lora", "ss_network_dim": str(a["rank"]),
@@ -208,12 +214,14 @@ def customize_model(node_id=None, **inputs):
         summary += (f" Saved the LoRA as '{saved}'" if saved == wanted_name else
                     f" '{wanted_name}' already exists, so the LoRA was saved as '{saved}'") + f" in {lora_folder()}."
     elif ckpt_stem is not None:
-        saved = db.save_checkpoint(mp, out_clip, vae, ckpt_stem)
-        summary += f" Saved the checkpoint as '{saved}' in {db.checkpoint_folder()}."
+        saved_ckpt = db.save_checkpoint(mp, out_clip, vae, ckpt_stem)
+        summary += f" Saved the checkpoint as '{saved_ckpt}' in {db.checkpoint_folder()}."
+    elif training == "lora":
+        summary += " The LoRA was not saved (lora_name is empty)."
     else:
-        summary += " Nothing was saved (the file name is empty)."
+        summary += " The checkpoint was not saved (checkpoint_name is empty)."
     log.info(summary)
-    return mp, out_clip, saved, {"loss": losses}, summary
+    return mp, out_clip, saved, saved_ckpt, {"loss": losses}, summary
 
 
 def _prior(model, clip, class_positive, given, wanted: int, x: torch.Tensor, a: dict, node_id):

@@ -24,28 +24,29 @@ class AntiPureCustomize(io.ComfyNode):
                         "text encoder optional, as the paper's tables) or DreamBooth-LoRA, with optional prior "
                         "preservation. Returns the trained model (and CLIP); saves the LoRA in the loras folder "
                         "or the DreamBooth checkpoint in the checkpoints folder.",
+            # Saved UI graphs store widget values by position: the inputs up to prior_weight are the
+            # LoRA node's, in their order and with their defaults; every later input is optional and
+            # defaults to the LoRA behaviour, so an old graph (UI or API format) trains exactly as before.
             inputs=[
                 io.Model.Input("model", tooltip="The base model to customize (SD1.x, SD2.x or SDXL). "
-                                                "It is not changed; the output is a copy with the LoRA."),
+                                                "It is not changed; the output is a trained copy."),
                 io.Vae.Input("vae", tooltip="The checkpoint's VAE; encodes the images once."),
                 io.Image.Input("images", tooltip="The training images (protected or purified), any size; "
                                                  "a list of batches is joined and must share one size."),
                 io.Conditioning.Input("positive", tooltip="Instance prompt conditioning from CLIP Text Encode, "
                                                           "e.g. 'a photo of sks person'."),
-                io.Combo.Input("training", options=list(TRAINING), default="lora",
-                               tooltip="lora: DreamBooth-LoRA adapters (rank, alpha, target). dreambooth: every "
-                                       "UNet weight (Anti-DreamBooth's setting; 0 in steps / learning_rate / "
-                                       "batch_size gives its 1000 / 5e-7 / 2), text encoder optional."),
                 io.String.Input("lora_name", default="antipure/sks_person",
                                 tooltip="lora: file name in the loras folder (.safetensors added; subfolders "
                                         "allowed). An existing file is never overwritten: the new one is numbered "
-                                        "(name_00001) and the output says so. Empty = do not save."),
-                io.Int.Input("steps", default=0, min=0, max=100000,
-                             tooltip="Optimizer steps; 0 = the mode's default (DreamBooth 1000, "
-                                     "DreamBooth-LoRA 400)."),
-                io.Float.Input("learning_rate", default=0.0, min=0.0, max=1.0, step=1e-7,
-                               tooltip="Learning rate; 0 = the mode's default (DreamBooth 5e-7, "
-                                       "DreamBooth-LoRA 1e-4)."),
+                                        "(name_00001) and the output says so. Empty = do not save. Ignored by "
+                                        "dreambooth (see checkpoint_name)."),
+                io.Int.Input("steps", default=400, min=0, max=100000,
+                             tooltip="Optimizer steps (DreamBooth-LoRA: 400-1000); 0 = the mode's default "
+                                     "(DreamBooth 1000, DreamBooth-LoRA 400)."),
+                io.Float.Input("learning_rate", default=1e-4, min=0.0, max=1.0, step=1e-7,
+                               tooltip="AdamW learning rate (DreamBooth-LoRA: 1e-4); 0 = the mode's default "
+                                       "(DreamBooth 5e-7: set 0 for training=dreambooth, 1e-4 ruins a full "
+                                       "fine-tune)."),
                 io.Int.Input("rank", default=4, min=1, max=256, tooltip="LoRA rank r (DreamBooth-LoRA: 4)."),
                 io.Float.Input("alpha", default=4.0, min=0.01, max=1024.0, step=0.01,
                                tooltip="LoRA alpha; the update is scaled by alpha / rank (alpha = rank: scale 1, "
@@ -54,9 +55,10 @@ class AntiPureCustomize(io.ComfyNode):
                                tooltip="Layers that get adapters: attention = to_q/to_k/to_v/to_out of the "
                                        "transformer blocks (DreamBooth-LoRA); attention+feed-forward adds the "
                                        "feed-forward and proj_in/proj_out layers; all = every UNet weight."),
-                io.Int.Input("batch_size", default=0, min=0, max=64,
-                             tooltip="Images per micro-batch (plus as many class images with prior "
-                                     "preservation); 0 = the mode's default (DreamBooth 2, DreamBooth-LoRA 1)."),
+                io.Int.Input("batch_size", default=1, min=0, max=64,
+                             tooltip="Images per micro-batch (DreamBooth-LoRA: 1), plus as many class images "
+                                     "with prior preservation; 0 = the mode's default (DreamBooth 2, "
+                                     "DreamBooth-LoRA 1)."),
                 io.Int.Input("grad_accumulation", default=1, min=1, max=1024,
                              tooltip="Micro-batches averaged per optimizer step (1 = none)."),
                 io.Int.Input("seed", default=0, min=0, max=0xFFFFFFFFFFFFFFFF, control_after_generate=True,
@@ -74,47 +76,58 @@ class AntiPureCustomize(io.ComfyNode):
                 io.Float.Input("prior_weight", default=1.0, min=0.0, max=100.0, step=0.05,
                                tooltip="λ of the prior-preservation loss (DreamBooth: 1.0); used only with "
                                        "class_positive."),
-                io.Int.Input("class_image_count", default=200, min=0, max=10000,
-                             tooltip="Class images prior preservation uses (DreamBooth: 200); those missing "
-                                     "from class_images are generated by the base model from class_positive "
-                                     "before training (guidance 7.5, as DreamBooth)."),
-                io.Int.Input("class_sampling_steps", default=50, min=1, max=1000,
+                # --- added with training=dreambooth: optional, after every input above ---
+                io.Combo.Input("training", options=list(TRAINING), default="lora", optional=True,
+                               tooltip="lora: DreamBooth-LoRA adapters (rank, alpha, target). dreambooth: every "
+                                       "UNet weight, text encoder optional (the paper's attack; set steps, "
+                                       "learning_rate and batch_size to 0 for Anti-DreamBooth's 1000 / 5e-7 / 2)."),
+                io.Int.Input("class_image_count", default=0, min=0, max=10000, optional=True,
+                             tooltip="Class images prior preservation uses; those missing from class_images are "
+                                     "generated by the base model from class_positive before training "
+                                     "(guidance 7.5, as DreamBooth). 0 = the mode's default: dreambooth 200 "
+                                     "(DreamBooth's), lora only the class_images given (none generated)."),
+                io.Int.Input("class_sampling_steps", default=50, min=1, max=1000, optional=True,
                              tooltip="Sampler steps per generated class image (DreamBooth's pipeline: 50)."),
                 io.Combo.Input("class_sampler", options=list(samplers.KSampler.SAMPLERS), default="euler",
-                               tooltip="The host sampler that generates class images."),
+                               optional=True, tooltip="The host sampler that generates class images."),
                 io.Clip.Input("clip", optional=True,
                               tooltip="The checkpoint's CLIP: needed to train the text encoder and to save a "
                                       "checkpoint; encodes the empty negative prompt for class images."),
-                io.Boolean.Input("train_text_encoder", default=True,
+                io.Boolean.Input("train_text_encoder", default=True, optional=True,
                                  tooltip="dreambooth: also train every text-encoder weight of clip (Anti-DreamBooth "
                                          "does); the prompts below are then encoded by the trained encoder in "
                                          "place of positive / class_positive. Ignored without clip or for lora."),
-                io.String.Input("instance_prompt", default="a photo of sks person",
+                io.String.Input("instance_prompt", default="a photo of sks person", optional=True,
                                 tooltip="Instance prompt text, used when the text encoder is trained."),
-                io.String.Input("class_prompt", default="a photo of person",
+                io.String.Input("class_prompt", default="a photo of person", optional=True,
                                 tooltip="Class prompt text, used when the text encoder is trained."),
-                io.Combo.Input("precision", options=list(PRECISIONS), default="auto",
+                io.Combo.Input("precision", options=list(PRECISIONS), default="auto", optional=True,
                                tooltip="Compute precision of training: auto (the model's own; fp16 trains in "
                                        "fp32), fp32, or bf16 (Anti-DreamBooth's mixed precision) where the device "
                                        "has it. Trained weights stay fp32."),
-                io.Combo.Input("optimizer", options=list(OPTIMIZERS), default="adamw",
+                io.Combo.Input("optimizer", options=list(OPTIMIZERS), default="adamw", optional=True,
                                tooltip="adamw (torch), or adamw8bit (bitsandbytes, CUDA only, needs the package): "
                                        "a quarter of AdamW's state memory."),
-                io.Float.Input("max_grad_norm", default=1.0, min=0.0, max=1000.0, step=0.1,
-                               tooltip="Clip the gradient's norm (DreamBooth: 1.0); 0 = no clipping."),
-                io.String.Input("checkpoint_name", default="",
+                io.Float.Input("max_grad_norm", default=0.0, min=-1.0, max=1000.0, step=0.1, optional=True,
+                               tooltip="Clip the gradient's global norm to this value; 0 = the mode's default "
+                                       "(dreambooth 1.0 as DreamBooth, lora no clipping); -1 = never clip."),
+                io.String.Input("checkpoint_name", default="", optional=True,
                                 tooltip="dreambooth: save MODEL + CLIP + VAE as <name>_00001_.safetensors in the "
                                         "checkpoints folder for Load Checkpoint (needs clip; numbered, never "
                                         "overwriting). Empty = do not save."),
             ],
             outputs=[
                 io.Model.Output(display_name="model", tooltip="The trained model (a copy; the input is unchanged)."),
-                io.String.Output(display_name="saved",
-                                 tooltip="The saved file's name in the loras / checkpoints folder (empty if not "
-                                         "saved)."),
+                io.String.Output(display_name="lora_name",
+                                 tooltip="The saved LoRA's name in the loras folder (empty if not saved, and for "
+                                         "dreambooth)."),
                 io.LossMap.Output(display_name="loss", tooltip="Loss per step, for the host's Plot Loss Graph."),
+                # --- added with training=dreambooth, after the old outputs ---
                 io.Clip.Output(display_name="clip",
                                tooltip="The trained CLIP when the text encoder was trained, else the clip input."),
+                io.String.Output(display_name="checkpoint_name",
+                                 tooltip="dreambooth: the saved checkpoint's name in the checkpoints folder, as "
+                                         "Load Checkpoint lists it (empty if not saved, and for lora)."),
             ],
             hidden=[io.Hidden.unique_id],
             is_input_list=True,  # a list of image batches is one training set, not one LoRA per item
@@ -123,5 +136,5 @@ class AntiPureCustomize(io.ComfyNode):
 
     @classmethod
     def execute(cls, **inputs) -> io.NodeOutput:
-        model, clip, saved, loss, summary = customize_model(node_id=node_id(cls), **inputs)
-        return io.NodeOutput(model, saved, loss, clip, ui=ui.PreviewText(summary))
+        model, clip, lora_name, checkpoint_name, loss, summary = customize_model(node_id=node_id(cls), **inputs)
+        return io.NodeOutput(model, lora_name, loss, clip, checkpoint_name, ui=ui.PreviewText(summary))

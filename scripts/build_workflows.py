@@ -176,6 +176,7 @@ def _dreambooth_lane(lane: int) -> list[N]:
         N(model, "AntiPureCustomize", CUSTOMIZE,
           {"model": MODEL, "vae": VAE, "clip": CLIP, "images": ("GrIDPure", 0), "positive": PROMPT,
            "class_positive": ("Class prompt", 0), "training": "dreambooth", "lora_name": "",
+           "steps": 0, "learning_rate": 0.0, "batch_size": 0,  # 0 = Anti-DreamBooth's 1000 / 5e-7 / 2
            "instance_prompt": INSTANCE_PROMPT, "class_prompt": CLASS_PROMPT}, **at),
         N(sample, "KSampler", GENERATE, {"model": (model, 0), "positive": PROMPT, "negative": ("Negative", 0),
                                          "latent_image": ("Latent", 0), "steps": 30, "cfg": 7.0}, **at),

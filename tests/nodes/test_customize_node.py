@@ -342,3 +342,62 @@ def test_schema_has_tooltips_and_is_registered(node):
     assert all(i.tooltip for i in schema.inputs) and all(o.tooltip for o in schema.outputs)
     assert io.Hidden.unique_id in schema.hidden
     assert nodes.NODE_CLASS_MAPPINGS.get("AntiPureCustomize") is not None
+
+
+# --- graphs saved before training=dreambooth ------------------------------------------------------------------
+
+#: the node's widgets and outputs at commit 1840151 (before the dreambooth mode), in saved-graph order
+OLD_WIDGETS = ["lora_name", "steps", "learning_rate", "rank", "alpha", "target", "batch_size", "grad_accumulation",
+               "seed", None, "gradient_checkpointing", "prior_weight"]
+OLD_OUTPUTS = ["model", "lora_name", "loss"]
+
+
+def test_saved_graphs_keep_their_widget_positions_and_outputs(node):
+    from antipure.workflow_format import widget_slots
+    input_types = node.INPUT_TYPES()
+    assert widget_slots(input_types)[:len(OLD_WIDGETS)] == OLD_WIDGETS  # UI graphs store widget values by position
+    old = {"model", "vae", "images", "positive", "class_positive", "class_images", *filter(None, OLD_WIDGETS)}
+    new = {n for i in node.define_schema().inputs if (n := i.id) not in old}
+    assert new and new <= set(input_types.get("optional", {}))  # API graphs without them still validate
+    schema = node.define_schema()
+    defaults = {i.id: getattr(i, "default", None) for i in schema.inputs}
+    assert (defaults["steps"], defaults["learning_rate"], defaults["batch_size"]) == (400, 1e-4, 1)
+    assert [o.display_name for o in schema.outputs][:len(OLD_OUTPUTS)] == OLD_OUTPUTS
+
+
+@pytest.mark.parametrize("family,prior", [("sd15", False), ("sd15", True), ("sd20v", True)])
+def test_old_inputs_train_the_lora_bit_for_bit_as_before(host, node, tiny_model, encode_text, family, prior):
+    # The reference is the node's LoRA path at 1840151 written out (attach, training clone, session, the core
+    # loop without clipping); a probe ran that commit's node on these inputs and matched it bit for bit.
+    bridge, ckpt = host.pack_import("antipure_comfy.bridge"), host.pack_import("antipure_comfy.checkpointing")
+    hc, lora_adapters = host.pack_import("antipure_comfy.customize"), host.pack_import("antipure_comfy.lora_adapters")
+    core = host.pack_import("antipure_core.customize")
+    model, clip, vae = tiny_model(family)
+    positive, images = encode_text(clip), [host_image(2, seed=4)]
+    old = dict(lora_name="", steps=3, learning_rate=1e-2, rank=4, alpha=4.0, target="attention", batch_size=1,
+               grad_accumulation=1, seed=7, gradient_checkpointing=False, prior_weight=0.5)
+    class_positive, class_images = encode_text(clip, "a photo of person"), host_image(2, seed=5)
+    args = node_args(model, vae, positive, images=images, **old)
+    if prior:
+        args.update(class_positive=[class_positive], class_images=[class_images])
+    with torch.inference_mode():
+        mp, lora_name, loss, *_ = node.execute(**args).args
+
+        keys = lora_adapters.target_keys(model, "attention")
+        ref_mp, adapters = lora_adapters.attach_lora(model, keys, 4, 4.0, 7)
+        params = lora_adapters.trainable_parameters(adapters)
+        ref_prior = core.Prior(class_positive, images=hc.image_batch([class_images], "class_images"),
+                               weight=0.5) if prior else None
+        train_mp = hc.training_clone(ref_mp)
+        with bridge.session(train_mp, vae, positive) as dm, ckpt.gradient_checkpointing(train_mp, enabled=False):
+            ref_losses = core.customize(dm, hc.image_batch(images, "images"), dm.cond, params, steps=3, lr=1e-2,
+                                        batch_size=1, grad_accum=1, prediction=hc.prediction_type(model),
+                                        prior=ref_prior, generator=7)
+    assert loss["loss"] == ref_losses and lora_name == ""
+    got, ref = lora_adapters.lora_state_dict(mp, _adapters(mp)), lora_adapters.lora_state_dict(ref_mp, adapters)
+    assert got.keys() == ref.keys() and all(torch.equal(got[k], ref[k]) for k in ref)
+
+
+def _adapters(mp):
+    """The LoRA adapters on a trained clone, as ``attach_lora`` returned them."""
+    return {k: w[0] for k, w in mp.weight_wrapper_patches.items()}
