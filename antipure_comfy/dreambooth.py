@@ -30,15 +30,20 @@ from . import bridge
 from .comfy_host import clip_model, comfy_utils, folder_paths, model_management, nodes_model_merging, sample
 from .comfy_host import nodes_train
 
+#: CLIP weights the host never loads or saves (``comfy/supported_models.py`` pops them from SD1.x / SDXL
+#: checkpoints) and no conditioning reads (CLIP-L's pooled output is not projected there): the tensor is the
+#: host's uninitialised memory, so it is not trained (a difference on it would only carry that memory along)
+UNSET_TEXT_KEYS = frozenset({"clip_l.transformer.text_projection.weight"})
 #: diffusers' pipeline guidance scale, with which DreamBooth generates its class images
 CLASS_CFG = 7.5
 PRECISIONS = ("auto", "fp32", "bf16")
 OPTIMIZERS = ("adamw", "adamw8bit")
 
 
-def add_differences(patcher, prefix: str = "") -> dict:
+def add_differences(patcher, prefix: str = "", skip=frozenset()) -> dict:
     """Put a trainable zero difference (float32) on every castable weight and bias under ``prefix`` of
-    ``patcher.model`` (the host trainer's ``BiasDiff`` wrapper); ``patcher`` must be a fresh clone.
+    ``patcher.model`` (the host trainer's ``BiasDiff`` wrapper), except the keys in ``skip``; ``patcher``
+    must be a fresh clone.
 
     Returns:
         ``{state-dict key: difference}``, the keys the host's ``add_patches`` takes.
@@ -50,7 +55,7 @@ def add_differences(patcher, prefix: str = "") -> dict:
                 continue
             for attr in ("weight", "bias"):
                 w = getattr(m, attr, None)
-                if isinstance(w, torch.Tensor):
+                if isinstance(w, torch.Tensor) and f"{name}.{attr}" not in skip:
                     diff = torch.nn.Parameter(torch.zeros(w.shape, dtype=torch.float32))
                     patcher.add_weight_wrapper(f"{name}.{attr}", nodes_train.BiasDiff(diff))
                     diffs[f"{name}.{attr}"] = diff
@@ -58,9 +63,10 @@ def add_differences(patcher, prefix: str = "") -> dict:
 
 
 def attach_text_encoder(clip):
-    """A clone of ``clip`` with a trainable zero difference on every text-encoder weight; ``(clone, {key: diff})``."""
+    """A clone of ``clip`` with a trainable zero difference on every text-encoder weight the host loads
+    (all but :data:`UNSET_TEXT_KEYS`); ``(clone, {key: diff})``."""
     trained = clip.clone()
-    return trained, add_differences(trained.patcher)
+    return trained, add_differences(trained.patcher, skip=UNSET_TEXT_KEYS)
 
 
 def with_differences(patchable, diffs: dict):
