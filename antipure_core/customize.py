@@ -268,7 +268,9 @@ def customize(model, images: Images, cond: Any, params: Iterable[Tensor], steps:
         prior_batches = _batches(prior_latents.shape[0], batch_size, g_prior)
     batches = _batches(latents.shape[0], batch_size, g)
 
-    start = [p.detach().clone() for p in params]
+    # what a cancel restores; a tensor that starts at zero (a LoRA's down, a full fine-tune's difference) is
+    # not copied: for full fine-tuning that copy would be one more model's worth of memory
+    start = [p.detach().clone() if p.detach().any() else None for p in params]
     opt = (optimizer or torch.optim.AdamW)(params, lr=lr, weight_decay=weight_decay)
     losses: list[float] = []
     try:
@@ -300,6 +302,6 @@ def customize(model, images: Images, cond: Any, params: Iterable[Tensor], steps:
         # a cancelled or failed run leaves no half-trained adapter behind
         with torch.no_grad():
             for p, p0 in zip(params, start):
-                p.copy_(p0)
+                p.zero_() if p0 is None else p.copy_(p0)
         raise
     return losses
