@@ -30,7 +30,7 @@ the next ``--steps`` are timed (median of wall and of CPU seconds).
 ``--depth reduced`` keeps SD1.5's block types, widths, heads and context but
 only its first three levels with one res block each (420 M parameters of
 860 M): the same code path with fewer blocks, for machines where the pack's
-full SD1.5 fine-tune (about 17 GiB on the CPU) does not fit; ``--depth small``
+full SD1.5 fine-tune (about 21 GB on the CPU, BENCHMARKS.md) does not fit; ``--depth small``
 keeps the first two levels (107 M parameters).
 
     python benchmarks/bench_dreambooth.py --impl diffusers --resolution 256 --threads 2
