@@ -365,7 +365,7 @@ def test_saved_graphs_keep_their_widget_positions_and_outputs(node):
     assert [o.display_name for o in schema.outputs][:len(OLD_OUTPUTS)] == OLD_OUTPUTS
 
 
-@pytest.mark.parametrize("family,prior", [("sd15", False), ("sd15", True), ("sd20v", True)])
+@pytest.mark.parametrize("family,prior", [("sd15", False), ("sd15", True)])
 def test_old_inputs_train_the_lora_bit_for_bit_as_before(host, node, tiny_model, encode_text, family, prior):
     # The reference is the node's LoRA path at 1840151 written out (attach, training clone, session, the core
     # loop without clipping); a probe ran that commit's node on these inputs and matched it bit for bit.
@@ -373,10 +373,10 @@ def test_old_inputs_train_the_lora_bit_for_bit_as_before(host, node, tiny_model,
     hc, lora_adapters = host.pack_import("antipure_comfy.customize"), host.pack_import("antipure_comfy.lora_adapters")
     core = host.pack_import("antipure_core.customize")
     model, clip, vae = tiny_model(family)
-    positive, images = encode_text(clip), [host_image(2, seed=4)]
-    old = dict(lora_name="", steps=3, learning_rate=1e-2, rank=4, alpha=4.0, target="attention", batch_size=1,
+    positive, images = encode_text(clip), [host_image(2, 32, 32, seed=4)]
+    old = dict(lora_name="", steps=2, learning_rate=1e-2, rank=4, alpha=4.0, target="attention", batch_size=1,
                grad_accumulation=1, seed=7, gradient_checkpointing=False, prior_weight=0.5)
-    class_positive, class_images = encode_text(clip, "a photo of person"), host_image(2, seed=5)
+    class_positive, class_images = encode_text(clip, "a photo of person"), host_image(2, 32, 32, seed=5)
     args = node_args(model, vae, positive, images=images, **old)
     if prior:
         args.update(class_positive=[class_positive], class_images=[class_images])
@@ -390,7 +390,7 @@ def test_old_inputs_train_the_lora_bit_for_bit_as_before(host, node, tiny_model,
                                weight=0.5) if prior else None
         train_mp = hc.training_clone(ref_mp)
         with bridge.session(train_mp, vae, positive) as dm, ckpt.gradient_checkpointing(train_mp, enabled=False):
-            ref_losses = core.customize(dm, hc.image_batch(images, "images"), dm.cond, params, steps=3, lr=1e-2,
+            ref_losses = core.customize(dm, hc.image_batch(images, "images"), dm.cond, params, steps=2, lr=1e-2,
                                         batch_size=1, grad_accum=1, prediction=hc.prediction_type(model),
                                         prior=ref_prior, generator=7)
     assert loss["loss"] == ref_losses and lora_name == ""
