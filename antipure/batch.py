@@ -19,8 +19,10 @@ from typing import Any, Mapping, Sequence
 
 from .comfyui import headless_server
 from .errors import EXIT_BAD_WORKFLOW, RunnerError
-from .prompts import set_image, string_columns, title, validate
-from .results import STAGING, ImageResult, ResultsTable, Staging, reported_files
+from .prompts import set_image, title, validate
+from .image_check import check_images
+from .text_outputs import TextOutputs, collect_text
+from .results import STAGING, ImageResult, ResultsTable, Staging, refused_inputs, reported_files
 
 __all__ = ["BatchRunner", "run_batch"]
 
@@ -36,9 +38,10 @@ class BatchRunner:
     Args:
         prompt: API prompt (after :func:`antipure.prompts.apply_sets`); not modified.
         image_input: (node id, input name) that receives each image's file name.
+        lines: print one line per node started and per progress step (for a log, where bars do not show).
     """
 
-    def __init__(self, prompt: dict, image_input: tuple[str, str]):
+    def __init__(self, prompt: dict, image_input: tuple[str, str], lines: bool = False):
         import comfy.utils
         import execution
 
@@ -48,18 +51,25 @@ class BatchRunner:
         self.executor = execution.PromptExecutor(self.server, cache_type=False)
         self.errors: list[dict] = []
         self.node_bar = None  # a tqdm bar for the running node's own steps
+        self.lines, self.node, self.t0 = lines, None, time.perf_counter()
         comfy.utils.set_progress_bar_global_hook(self._on_progress)
 
     def _on_event(self, event: str, data: Any) -> None:
         if event in ("execution_error", "execution_interrupted"):
             self.errors.append({"event": event, **(data if isinstance(data, dict) else {})})
-        elif event == "executing" and self.node_bar is not None and isinstance(data, dict):
-            node = data.get("node")
-            if node in self.prompt:
+        elif event == "executing" and isinstance(data, dict):
+            node = self.node = data.get("node")
+            if node in self.prompt and self.lines:
+                print(f"[{time.perf_counter() - self.t0:6.1f} s] node {node} {title(self.prompt, node)}", flush=True)
+            if node in self.prompt and self.node_bar is not None:
                 self.node_bar.set_description_str(f"node {node} {title(self.prompt, node)}"[:40])
                 self.node_bar.reset(total=1)
 
     def _on_progress(self, value, total, preview=None, prompt_id=None, node_id=None):
+        node = node_id or self.node
+        if self.lines and total and node in self.prompt:
+            print(f"[{time.perf_counter() - self.t0:6.1f} s]   {title(self.prompt, node)}: step {value}/{total}",
+                  flush=True)
         if self.node_bar is not None and total:
             if self.node_bar.total != total:
                 self.node_bar.reset(total=total)
@@ -106,14 +116,15 @@ class BatchRunner:
         reported = [staging.local_name(sub, name)
                     for sub, name in reported_files(self.executor.history_result.get("outputs", {}))]
         staged = staging.files()
-        files = staging.commit([f for f in reported if f in staged] + staged)
+        result.text = staging.published(self._text(prompt))
+        reports = staging.write_reports(result.text.reports)
+        files = staging.commit([f for f in reported if f in staged] + staged + reports)
         changed = sorted(f for f, t in _snapshot(out_dir).items()
                          if before.get(f) != t and f != "results.csv" and f not in files)
         result.outputs = files + changed
-        result.strings = self._strings(prompt)
         return result
 
-    def _strings(self, prompt: Mapping[str, dict]) -> dict[str, str]:
+    def _text(self, prompt: Mapping[str, dict]) -> TextOutputs:
         import nodes
 
         outputs, ui = {}, {}
@@ -121,18 +132,20 @@ class BatchRunner:
             data = self.executor.caches.outputs.get(node_id)
             outputs[node_id] = getattr(data, "outputs", data)  # newer hosts wrap outputs in a cache entry
             ui[node_id] = (self.executor.caches.ui.get(node_id) or {}).get("output") or {}
-        return string_columns(prompt, nodes.NODE_CLASS_MAPPINGS, outputs, ui)
+        return collect_text(prompt, nodes.NODE_CLASS_MAPPINGS, outputs, ui)
 
 
 async def run_batch(prompt: dict, image_input: tuple[str, str], images: Sequence[Path], out: Path,
                     progress: bool = True, resume: bool = False) -> list[ImageResult]:
     """Run ``prompt`` once per image (booted host, validated prompt); writes ``out/results.csv``.
 
-    With ``resume``, images that ``out/results.csv`` lists as ``ok`` are skipped. The host's
-    input/output/temp folders and progress hook are restored afterwards.
+    With ``resume``, images that ``out/results.csv`` lists as ``ok`` are skipped. Every image is
+    decoded first (:mod:`antipure.image_check`): one that cannot be read completely gets an
+    ``invalid`` row and is not run. The host's input/output/temp folders and progress hook are
+    restored afterwards.
 
     Returns:
-        The results of the images run now, in order.
+        The results of the images run now: the refused ones, then the others in order.
 
     Raises:
         RunnerError: (exit 3) the prompt does not validate with the first image.
@@ -144,11 +157,17 @@ async def run_batch(prompt: dict, image_input: tuple[str, str], images: Sequence
     out = Path(out).resolve()
     table = ResultsTable(out, resume=resume)
     images = [im for im in images if im.name not in table.finished()]
+    table.clear_unfinished(im.stem for im in images)  # a killed run's half-committed outputs
+    described, bad = check_images(images)
+    results: list[ImageResult] = refused_inputs(bad)
+    for res in results:
+        table.add(res)
+        print(f"{res.image}: invalid: {res.error}", file=sys.stderr)
+    images = list(described)
     if not images:
-        return []
+        return results
     saved = (folder_paths.get_input_directory(), folder_paths.get_output_directory(),
              folder_paths.get_temp_directory(), comfy.utils.PROGRESS_BAR_HOOK)
-    results: list[ImageResult] = []
     disable = None if progress else True  # None: tqdm shows bars on a terminal only
     with tempfile.TemporaryDirectory(prefix="antipure-run-") as tmp:
         input_dir, temp_dir = Path(tmp, "input"), Path(tmp, "temp")
@@ -162,12 +181,15 @@ async def run_batch(prompt: dict, image_input: tuple[str, str], images: Sequence
             problems, _ = await validate(set_image(prompt, image_input, images[0].name, images[0].stem))
             if problems:
                 raise RunnerError(EXIT_BAD_WORKFLOW, "invalid workflow:\n  - " + "\n  - ".join(problems))
-            runner = BatchRunner(prompt, image_input)
+            runner = BatchRunner(prompt, image_input, lines=progress and not sys.stderr.isatty())
             bar = tqdm(images, desc="images", unit="img", disable=disable, position=0)
             runner.node_bar = tqdm(total=1, desc="node", position=1, leave=False, disable=disable)
             try:
                 for image in bar:
+                    if runner.lines:
+                        print(f"{image.name}: {described[image]}", flush=True)
                     res = await runner.run_image(image, out, input_dir)
+                    res.input = described[image]
                     results.append(res)
                     table.add(res)
                     if res.status != "ok":

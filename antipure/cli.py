@@ -36,6 +36,7 @@ from .errors import (EXIT_BAD_WORKFLOW, EXIT_FAILED, EXIT_NO_HOST, EXIT_NO_MODEL
                      RunnerError)
 from .prompts import list_images, missing_models, prepare_prompt
 from .results import ImageResult
+from .workflow_format import WorkflowError, read_workflow
 
 __all__ = ["main"]
 
@@ -66,23 +67,33 @@ def _parser() -> argparse.ArgumentParser:
     r.add_argument("--retries", type=int, default=2, metavar="N",
                    help="with --server: how often an image is re-queued on another server after a server "
                         "failed or disappeared under it (default 2)")
+    r.add_argument("--stall-timeout", type=float, default=300.0, metavar="SECONDS",
+                   help="with --server: an image whose server sent no progress, no node start and no queue "
+                        "change for this long is stopped there and re-queued on another server; a server that "
+                        "stalls twice gets no more images (default 300; make it longer than the slowest silent "
+                        "step of the workflow, e.g. a model load; 0 = never)")
     r.add_argument("--no-progress", action="store_true", help="no progress bars")
     r.add_argument("--verbose", action="store_true", help="show the host's log")
     return p
 
 
 def _check_inputs(ns: argparse.Namespace) -> tuple[Path, list[Path]]:
+    """Workflow file and images, checked before any host starts (a start takes many seconds)."""
     workflow = Path(ns.workflow)
     if not workflow.is_file():
         raise RunnerError(EXIT_BAD_WORKFLOW, f"workflow: {workflow} does not exist")
+    try:
+        read_workflow(workflow)
+    except WorkflowError as e:
+        raise RunnerError(EXIT_BAD_WORKFLOW, str(e)) from None
     return workflow, list_images(ns.images)
 
 
 async def _run_local(ns: argparse.Namespace) -> list[ImageResult]:
     from .batch import run_batch
 
-    comfy_root = find_comfyui(ns.comfyui)
     workflow, images = _check_inputs(ns)
+    comfy_root = find_comfyui(ns.comfyui)
     if ns.models and not Path(ns.models).is_dir():
         raise RunnerError(EXIT_NO_MODEL, f"--models: {ns.models} is not a folder")
     await boot_host(comfy_root, cpu=True if ns.cpu else None, verbose=ns.verbose)
@@ -108,8 +119,8 @@ async def _run_remote(ns: argparse.Namespace) -> list[ImageResult]:
         if value:
             raise RunnerError(EXIT_NO_HOST, f"{flag} applies to the in-process run; with --server the "
                                             "servers' own models and devices are used")
-    if ns.per_server < 1 or ns.retries < 0:
-        raise RunnerError(EXIT_NO_HOST, "--per-server must be at least 1 and --retries at least 0")
+    if ns.per_server < 1 or ns.retries < 0 or ns.stall_timeout < 0:
+        raise RunnerError(EXIT_NO_HOST, "--per-server must be at least 1, --retries and --stall-timeout at least 0")
     workflow, images = _check_inputs(ns)
     try:
         from .remote import run_remote
@@ -118,7 +129,7 @@ async def _run_remote(ns: argparse.Namespace) -> list[ImageResult]:
                                         f"run {Path(sys.executable).name} -m pip install {e.name}") from None
     return await run_remote(workflow, images, Path(ns.out), ns.servers, sets=ns.sets, image_node=ns.image_node,
                             per_server=ns.per_server, attempts=ns.retries + 1, resume=ns.resume,
-                            progress=not ns.no_progress)
+                            stall_timeout=ns.stall_timeout or None, progress=not ns.no_progress)
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -205,39 +205,3 @@ def set_image(prompt: Mapping[str, dict], image_input: tuple[str, str], image_na
         if isinstance(prefix, str):
             node["inputs"]["filename_prefix"] = f"{prefix_folder}/{prefix}"
     return prompt
-
-
-def string_columns(prompt: Mapping[str, dict], node_classes: Mapping[str, Any],
-                   outputs: Mapping[str, Any], ui: Mapping[str, Any]) -> dict[str, str]:
-    """The STRING values of a finished run as results-table columns, ``"<title>.<output name>"``
-    (STRING outputs), ``"<title>.text"`` (text a node showed in the UI) and ``"<title>.<metric>"``
-    (each entry of a ``metrics`` UI result, e.g. AntiPure Evaluate's scores); a title shared by
-    several nodes gets ``" #<id>"``. Node order, then output order.
-
-    Args:
-        outputs: node id -> its output values, one list (a batch of values) per output slot.
-        ui: node id -> its UI result (a dict with optional ``text`` and ``metrics`` lists).
-    """
-    strings = {}
-    for node_id in prompt:
-        cls = node_classes[prompt[node_id]["class_type"]]
-        types = list(getattr(cls, "RETURN_TYPES", ()) or ())
-        names = list(getattr(cls, "RETURN_NAMES", None) or types)
-        data = outputs.get(node_id)
-        label = title(prompt, node_id)
-        if sum(title(prompt, other) == label for other in prompt) > 1:
-            label = f"{label} #{node_id}"
-        for i, type_ in enumerate(types):
-            if type_ == "STRING" and data is not None and i < len(data) and data[i] is not None:
-                values = [v for v in data[i] if isinstance(v, str)]
-                if values:
-                    strings[f"{label}.{names[i]}"] = "\n".join(values)
-        shown = ui.get(node_id) or {}
-        texts = shown.get("text")
-        if isinstance(texts, (list, tuple)) and texts and all(isinstance(t, str) for t in texts):
-            strings.setdefault(f"{label}.text", "\n".join(texts))
-        for metrics in shown.get("metrics") or ():
-            if isinstance(metrics, Mapping):
-                for key, value in metrics.items():
-                    strings.setdefault(f"{label}.{key}", str(value))
-    return strings

@@ -8,8 +8,8 @@ the image set and every ``filename_prefix`` moved under
 and the end (``execution_success`` / ``execution_error`` /
 ``execution_interrupted``), ``GET /history/<prompt_id>`` for what the nodes
 saved and showed, ``GET /view`` for each output file. Files are downloaded into
-``OUT/.partial/<token>/`` and renamed into ``OUT/<image stem>/``; then the row
-goes into ``results.csv`` (:mod:`antipure.results`).
+``OUT/.partial/<token>/``; only the image's first finished run is renamed into
+``OUT/<image stem>/`` and gets its row in ``results.csv`` (:mod:`antipure.results`).
 
 STRING outputs, which the server's history does not hold, are read through a
 ``PreviewAny`` node added for every STRING output of a node that runs anyway,
@@ -19,6 +19,15 @@ Connection errors, HTTP 5xx, a closed websocket and an interrupted prompt are
 :class:`~antipure.scheduler.ServerGone` (the image is retried on another
 server); a prompt the server rejects (HTTP 400) or a node error is a
 :class:`~antipure.scheduler.JobError`, reported in the table.
+
+Liveness: each ``progress``, ``executing`` (and the other execution messages) of
+the prompt, each queue ``status`` and each finished HTTP step is reported to the
+scheduler, which stalls the job after ``stall_timeout`` seconds without any
+(see :mod:`antipure.scheduler`). A stalled run interrupts and deletes its prompt
+on the server, each request bounded to a few seconds, since a stopped server
+never answers. Nothing of a server is kept across its runs but its URL: a server
+restarted on the same address must answer ``/system_stats`` and still have every
+node type of the workflow, and is then sent new prompts only.
 
 Node schemas come from the servers' ``/object_info``: no local ComfyUI is needed.
 """
@@ -36,8 +45,10 @@ from typing import Any, Callable, Mapping, Sequence
 import aiohttp
 
 from .errors import EXIT_BAD_WORKFLOW, EXIT_NO_HOST, RunnerError
-from .prompts import prepare_prompt, set_image, string_columns
-from .results import ImageResult, ResultsTable, Staging, reported_files
+from .prompts import prepare_prompt, set_image
+from .text_outputs import TextOutputs, collect_text
+from .image_check import check_images
+from .results import ImageResult, ResultsTable, Staging, refused_inputs, reported_files
 from .scheduler import JobError, Scheduler, ServerGone
 
 __all__ = ["ComfyServer", "node_classes", "text_viewers", "run_remote"]
@@ -45,6 +56,8 @@ __all__ = ["ComfyServer", "node_classes", "text_viewers", "run_remote"]
 SERVER_FOLDER = "antipure"  # under the server's input/ and output/ folders
 _VIEWER = "PreviewAny"
 _POLL_SECONDS = 10.0  # without a websocket message for this long, ask /history (a missed event)
+_QUICK = aiohttp.ClientTimeout(total=5)  # checks and clean-up: a stopped server must not hold them up
+_LIVE = {"executing", "execution_start", "execution_cached", "executed"}  # signs the prompt moves
 
 
 def node_classes(object_info: Mapping[str, dict]) -> dict[str, type]:
@@ -135,9 +148,15 @@ class ComfyServer:
             raise ServerGone(f"{method} {path}: {type(e).__name__}: {e}") from None
 
     async def check(self) -> None:
-        status, _ = await self._request("GET", "/system_stats")
+        """The server answers; with a batch, it also has every node type of the batch's prompt (a
+        server restarted on the same address may come back with other custom nodes)."""
+        status, _ = await self._request("GET", "/system_stats", timeout=_QUICK)
         if status != 200:
             raise ServerGone(f"GET /system_stats answered HTTP {status}")
+        if self.batch is not None:
+            lacking = sorted({n["class_type"] for n in self.batch.prompt.values()} - set(await self.object_info()))
+            if lacking:
+                raise ServerGone(f"it answers but has no node type {', '.join(lacking)}")
 
     async def object_info(self) -> dict:
         status, info = await self._request("GET", "/object_info")
@@ -145,25 +164,28 @@ class ComfyServer:
             raise ServerGone(f"GET /object_info answered HTTP {status}")
         return info
 
-    async def run(self, image: Path, report: Callable[[str, dict], None]) -> ImageResult:
-        """Run the batch's prompt on one image; see the module docstring."""
+    async def run(self, image: Path, report: Callable[[str, dict], None]) -> "Staged":
+        """Run the batch's prompt on one image; its files stay staged until :meth:`Staged.commit`."""
         staging = Staging(self.batch.out, image.stem)
         try:
             return await self._run(image, staging, report)
-        finally:
-            staging.discard()  # after a commit there is nothing left; after a failure, the partial files
+        except BaseException:  # failed, or stopped because it stalled: nothing of it stays
+            staging.discard()
+            raise
 
-    async def _run(self, image: Path, staging: Staging, report: Callable[[str, dict], None]) -> ImageResult:
+    async def _run(self, image: Path, staging: Staging, report: Callable[[str, dict], None]) -> "Staged":
         t0 = time.perf_counter()
         name = await self._upload(image, staging)
+        report("alive", {})
         prompt = set_image(self.batch.prompt, self.batch.image_input, name, staging.prefix_folder(SERVER_FOLDER))
         outputs = await self._execute(prompt, report)
-        files = [await self._download(sub, filename, image, staging)
-                 for sub, filename in reported_files({k: v for k, v in outputs.items() if k not in self.batch.viewers})]
+        files = []
+        for sub, filename in reported_files({k: v for k, v in outputs.items() if k not in self.batch.viewers}):
+            files.append(await self._download(sub, filename, image, staging))
+            report("alive", {})
         result = ImageResult(image=image.name, seconds=round(time.perf_counter() - t0, 3))
-        result.strings = self._strings(prompt, outputs)
-        result.outputs = staging.commit(files)
-        return result
+        result.text = staging.published(self._text(prompt, outputs), SERVER_FOLDER)
+        return Staged(result, staging, files + staging.write_reports(result.text.reports))
 
     async def _upload(self, image: Path, staging: Staging) -> str:
         """Upload into ``input/antipure/<token>/``; returns the value for the image input."""
@@ -183,7 +205,8 @@ class ComfyServer:
             sent[vid] = {"class_type": _VIEWER, "inputs": {"source": [nid, slot]}}
         client_id = uuid.uuid4().hex
         try:  # connected before queueing, so no event is missed
-            ws = await self.session.ws_connect(f"{self.name}/ws?clientId={client_id}", heartbeat=30)
+            ws = await self.session.ws_connect(f"{self.name}/ws?clientId={client_id}", heartbeat=30,
+                                               timeout=aiohttp.ClientWSTimeout(ws_receive=None, ws_close=5))
         except (aiohttp.ClientError, asyncio.TimeoutError, OSError) as e:
             raise ServerGone(f"websocket: {type(e).__name__}: {e}") from None
         try:
@@ -192,10 +215,24 @@ class ComfyServer:
                 raise JobError(_validation_message(answer), "invalid")
             if status != 200 or not isinstance(answer, dict) or "prompt_id" not in answer:
                 raise ServerGone(f"POST /prompt answered HTTP {status}: {str(answer)[:300]}")
-            entry = await self._wait(ws, answer["prompt_id"], report)
+            report("alive", {})
+            try:
+                entry = await self._wait(ws, answer["prompt_id"], report)
+            except asyncio.CancelledError:  # stalled: do not let it run on there
+                await self._stop(answer["prompt_id"])
+                raise
         finally:
             await ws.close()
         return entry.get("outputs") or {}
+
+    async def _stop(self, prompt_id: str) -> None:
+        """Interrupt the prompt if it runs and delete it from the queue if it waits, when the server
+        answers within a few seconds; a stopped server is left alone."""
+        for path, body in (("/interrupt", {"prompt_id": prompt_id}), ("/queue", {"delete": [prompt_id]})):
+            try:
+                await self._request("POST", path, json=body, timeout=_QUICK)
+            except ServerGone:
+                return
 
     async def _download(self, sub: str, filename: str, image: Path, staging: Staging) -> str:
         """Fetch one output file into the staging folder; returns its path relative to OUT."""
@@ -211,8 +248,8 @@ class ComfyServer:
         target.write_bytes(data)
         return local
 
-    def _strings(self, prompt: Mapping[str, dict], outputs: Mapping[str, dict]) -> dict[str, str]:
-        """The results-table text columns, from the viewers' and the nodes' own UI text."""
+    def _text(self, prompt: Mapping[str, dict], outputs: Mapping[str, dict]) -> TextOutputs:
+        """The run's text (:mod:`antipure.text_outputs`), from the viewers' and the nodes' own UI text."""
         values: dict[str, list] = {}
         for vid, (nid, slot) in self.batch.viewers.items():
             text = (outputs.get(vid) or {}).get("text")
@@ -220,7 +257,7 @@ class ComfyServer:
                 values.setdefault(nid, [])
                 values[nid] += [None] * (slot + 1 - len(values[nid]))
                 values[nid][slot] = list(text)
-        return string_columns(prompt, self.batch.classes, values, {nid: outputs.get(nid) or {} for nid in prompt})
+        return collect_text(prompt, self.batch.classes, values, {nid: outputs.get(nid) or {} for nid in prompt})
 
     async def _wait(self, ws: aiohttp.ClientWebSocketResponse, prompt_id: str,
                     report: Callable[[str, dict], None]) -> dict:
@@ -236,9 +273,13 @@ class ComfyServer:
             if msg is not None and msg.type == aiohttp.WSMsgType.TEXT:
                 event = json.loads(msg.data)
                 data = event.get("data") or {}
-                if data.get("prompt_id") != prompt_id:
-                    continue
                 kind = event.get("type")
+                if kind == "status":
+                    report("alive", {})  # the queue changed
+                if data.get("prompt_id") != prompt_id:
+                    continue  # another prompt's (an earlier run's on a restarted server included)
+                if kind in _LIVE:
+                    report("alive", {})
                 if kind == "progress":
                     report("progress", {"value": data.get("value"), "max": data.get("max"),
                                         "node": data.get("node")})
@@ -281,6 +322,21 @@ class ComfyServer:
         return None
 
 
+class Staged:
+    """One finished run of one image, its files still in ``OUT/.partial/``: the first run of an image
+    to finish is committed, a later one (a re-queued image finished twice) discarded."""
+
+    def __init__(self, result: ImageResult, staging: Staging, files: list[str]):
+        self.result, self.staging, self.files = result, staging, files
+
+    def commit(self) -> ImageResult:
+        self.result.outputs = self.staging.commit(self.files)
+        return self.result
+
+    def discard(self) -> None:
+        self.staging.discard()
+
+
 class RemoteBatch:
     """What every server needs to run one image: prompt, image input, schemas, viewers, OUT."""
 
@@ -312,18 +368,23 @@ async def _connect(servers: Sequence[ComfyServer]) -> list[dict]:
 
 async def run_remote(workflow: Path, images: Sequence[Path], out: Path, urls: Sequence[str], sets=(),
                      image_node: str | None = None, per_server: int = 1, attempts: int = 3, resume: bool = False,
-                     progress: bool = True, on_event: Callable[[str, str | None, Any, dict], None] | None = None
-                     ) -> list[ImageResult]:
+                     stall_timeout: float | None = 300.0, down_timeout: float = 300.0, progress: bool = True,
+                     on_event: Callable[[str, str | None, Any, dict], None] | None = None) -> list[ImageResult]:
     """Run ``workflow`` once per image over the ComfyUI servers at ``urls``; writes ``out/results.csv``.
 
     Args:
         per_server: jobs in flight on each server.
         attempts: tries per image when servers fail (see :class:`~antipure.scheduler.Scheduler`).
         resume: skip images ``out/results.csv`` lists as ok.
+        stall_timeout: seconds without progress, a node starting or a queue change before an image is
+            stopped on its server and re-queued (``None``: wait for ever); longer than the slowest
+            silent step of the workflow (a model load).
+        down_timeout: seconds a server that stopped answering is checked for before it is given up.
         on_event: also called with every scheduler event (after the results are recorded).
 
     Returns:
-        The results of the images run now, in image order.
+        The results of the images run now, in image order; an image that does not decode completely
+        (:mod:`antipure.image_check`) has an ``invalid`` row and is not sent.
 
     Raises:
         RunnerError: a server is unreachable (exit 2), the workflow is invalid or uses a node
@@ -350,14 +411,23 @@ async def run_remote(workflow: Path, images: Sequence[Path], out: Path, urls: Se
             server.batch = batch
         table = ResultsTable(out, resume=resume)
         todo = [im for im in images if im.name not in table.finished()]
+        table.clear_unfinished(im.stem for im in todo)  # a killed run's half-committed outputs
+        described, bad = check_images(todo)  # a file that does not decode completely is never uploaded
         results: dict[str, ImageResult] = {}
-        bar = tqdm(total=len(todo), desc="images", unit="img", disable=None if progress else True)
+        for res in refused_inputs(bad):
+            table.add(res)
+            results[res.image] = res
+            print(f"{res.image}: invalid: {res.error}", file=sys.stderr)
+        bar = tqdm(total=len(described), desc="images", unit="img", disable=None if progress else True)
         steps: dict[str, str] = {}
 
         def record(event: str, server: str | None, image: Any, data: dict) -> None:
+            if event == "done":
+                data["result"] = data["result"].commit()  # the image's first finished run: into OUT
             if event in ("done", "failed"):
                 res = data["result"] if event == "done" else ImageResult(image.name, status=data["status"],
                                                                          error=data["error"])
+                res.input = described[image]
                 table.add(res)
                 results[image.name] = res
                 bar.update(1)
@@ -366,15 +436,24 @@ async def run_remote(workflow: Path, images: Sequence[Path], out: Path, urls: Se
             elif event == "progress" and data.get("max"):
                 steps[server] = f"{image.stem} {data['value']}/{data['max']}"
                 bar.set_postfix_str(" | ".join(f"{s.split('//')[-1]}: {v}" for s, v in steps.items())[:80])
+            elif event == "duplicate":
+                data["result"].discard()
+                tqdm.write(f"{image.name}: a second run finished on {server} after the first; its outputs "
+                           "were discarded", file=sys.stderr)
+            elif event == "stalled":
+                tqdm.write(f"{image.name}: {server} {data['error']}; stopping it there", file=sys.stderr)
             elif event == "retry":
                 tqdm.write(f"{image.name}: {server} failed ({data['error']}); re-queued", file=sys.stderr)
+            elif event == "server_back":
+                tqdm.write(f"{server} answers again; it gets images again", file=sys.stderr)
             elif event == "server_dropped":
-                tqdm.write(f"{server} stopped answering; it gets no more images", file=sys.stderr)
+                tqdm.write(f"{server}: {data['reason']}; it gets no more images", file=sys.stderr)
             if on_event is not None:
                 on_event(event, server, image, data)
 
         try:
-            await Scheduler(servers, per_server=per_server, attempts=attempts, on_event=record).run(todo)
+            await Scheduler(servers, per_server=per_server, attempts=attempts, stall_timeout=stall_timeout,
+                            down_timeout=down_timeout, on_event=record).run(described)
         finally:
             bar.close()
     return [results[im.name] for im in todo if im.name in results]

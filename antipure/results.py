@@ -21,10 +21,12 @@ from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath
 from typing import Any, Iterable, Mapping
 
-__all__ = ["ImageResult", "ResultsTable", "Staging", "reported_files", "FIXED_COLUMNS", "STAGING"]
+from .text_outputs import TextOutputs
+
+__all__ = ["ImageResult", "ResultsTable", "refused_inputs", "Staging", "reported_files", "FIXED_COLUMNS", "STAGING"]
 
 STAGING = ".partial"
-FIXED_COLUMNS = ["image", "status", "seconds", "outputs", "error"]
+FIXED_COLUMNS = ["image", "lane", "status", "seconds", "outputs", "error", "input"]
 
 
 @dataclass
@@ -35,8 +37,14 @@ class ImageResult:
     status: str = "ok"
     seconds: float = 0.0
     outputs: list[str] = field(default_factory=list)
-    strings: dict[str, str] = field(default_factory=dict)
+    text: TextOutputs = field(default_factory=TextOutputs)  # columns, metrics per lane, reports
     error: str = ""
+    input: str = ""  # what the input file holds (antipure.image_check), e.g. "PNG RGB 64x64 8-bit"
+
+
+def refused_inputs(bad: Mapping[Path, str]) -> list[ImageResult]:
+    """An ``invalid`` row for every input image that :func:`antipure.image_check.check_images` refused."""
+    return [ImageResult(image=path.name, status="invalid", error=reason) for path, reason in bad.items()]
 
 
 def reported_files(ui_outputs: Mapping[str, Any]) -> list[tuple[str, str]]:
@@ -78,6 +86,22 @@ class Staging:
         except ValueError:
             return None
 
+    def published(self, text: TextOutputs, base: str = STAGING) -> TextOutputs:
+        """``text`` with the staging folder taken out of every path a node named (e.g. Evaluate's
+        "Appended to ``.partial/<token>/<stem>/antipure/r.json``"), so it names the files where
+        :meth:`commit` puts them: relative to OUT."""
+        return text.replace(f"{base}/{self.token}/", "")
+
+    def write_reports(self, reports: Mapping[str, str]) -> list[str]:
+        """Stage each report as ``<image stem>/<name>``; returns those names for :meth:`commit`."""
+        names = []
+        for name, body in reports.items():
+            target = self.root / self.image_stem / name
+            target.parent.mkdir(parents=True, exist_ok=True)
+            target.write_text(body if body.endswith("\n") else body + "\n", encoding="utf-8")
+            names.append(f"{self.image_stem}/{name}")
+        return names
+
     def files(self) -> list[str]:
         """Every file written so far, relative to the staging root (sorted)."""
         if not self.root.is_dir():
@@ -108,8 +132,9 @@ class Staging:
 
 
 class ResultsTable:
-    """``OUT/results.csv``: image, status, seconds, outputs (';'-joined), error, then one column per
-    STRING a node returned or showed. Rewritten atomically each time a row is added.
+    """``OUT/results.csv``: image, lane, status, seconds, outputs (';'-joined), error, input, then one
+    column per one-line text and per metric (:mod:`antipure.text_outputs`). One row per image, or one
+    per image and lane when the workflow scores lanes. Rewritten atomically each time an image is added.
 
     Args:
         out: the output folder (created).
@@ -122,31 +147,45 @@ class ResultsTable:
         self.out.mkdir(parents=True, exist_ok=True)
         self.path = self.out / "results.csv"
         self.columns = list(FIXED_COLUMNS)
-        self.rows: dict[str, dict[str, str]] = {}
+        self.rows: dict[tuple[str, str], dict[str, str]] = {}
         shutil.rmtree(self.out / STAGING, ignore_errors=True)  # attempts of a run that was killed
+        for tmp in self.out.glob(".results.csv.*.tmp"):  # a rewrite cut short by a kill
+            tmp.unlink(missing_ok=True)
         if resume and self.path.is_file():
             with open(self.path, newline="", encoding="utf-8") as f:
                 reader = csv.DictReader(f)
                 self.columns += [c for c in reader.fieldnames or [] if c not in self.columns]
-                self.rows = {r["image"]: r for r in reader if r.get("status") == "ok"}
+                self.rows = {(r["image"], r.get("lane") or ""): r for r in reader if r.get("status") == "ok"}
+
+    def clear_unfinished(self, stems: Iterable[str]) -> None:
+        """Remove ``OUT/<stem>/`` of images about to be run: what is there has no ``ok`` row (a run
+        killed while it renamed an image's files into place), and a new run must not mix with it."""
+        done = {PurePosixPath(image).stem for image in self.finished()}
+        for stem in stems:
+            if stem not in done and stem not in ("", ".", "..", STAGING):
+                shutil.rmtree(self.out / stem, ignore_errors=True)
 
     def finished(self) -> set[str]:
         """Image names (with extension) whose outputs are complete."""
-        return set(self.rows)
+        return {image for image, _ in self.rows}
 
     def add(self, result: ImageResult) -> None:
-        """Record one image (replacing an earlier row of the same image) and rewrite the file; rows
-        are sorted by image name, so the table does not depend on which image finished first."""
-        row = {"image": result.image, "status": result.status, "seconds": str(result.seconds),
-               "outputs": ";".join(result.outputs), "error": result.error, **result.strings}
-        self.columns += [c for c in result.strings if c not in self.columns]
-        self.rows[result.image] = row
+        """Record one image (replacing its earlier rows) and rewrite the file; rows are sorted by image
+        name, then lane, so the table does not depend on which image finished first."""
+        base = {"image": result.image, "lane": "", "status": result.status, "seconds": str(result.seconds),
+                "outputs": ";".join(result.outputs), "error": result.error, "input": result.input,
+                **result.text.columns}
+        new = [{**base, "lane": lane, **metrics} for lane, metrics in result.text.lanes.items()] or [base]
+        for row in new:
+            self.columns += [c for c in row if c not in self.columns]
+        self.rows = {k: v for k, v in self.rows.items() if k[0] != result.image}
+        self.rows.update({(r["image"], r["lane"]): r for r in new})
         tmp = self.path.with_name(f".results.csv.{os.getpid()}.tmp")
         with open(tmp, "w", newline="", encoding="utf-8") as f:
             w = csv.writer(f)
             w.writerow(self.columns)
-            for r in sorted(self.rows.values(), key=lambda r: r["image"]):  # any completion order
-                w.writerow([r.get(c, "") for c in self.columns])
+            for key in sorted(self.rows):  # any completion order
+                w.writerow([self.rows[key].get(c, "") for c in self.columns])
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, self.path)

@@ -35,6 +35,7 @@ __all__ = [
     "is_ui_workflow",
     "load_prompt",
     "process_dynamic_prompt",
+    "read_workflow",
     "ui_to_api",
     "widget_slots",
 ]
@@ -448,6 +449,24 @@ def ui_to_api(workflow: dict, node_classes: Mapping[str, Any] | None = None,
     return out
 
 
+def read_workflow(source: str | Path) -> dict:
+    """A workflow file's JSON, checked to be the UI format or an API prompt; needs no host, so a
+    broken file is reported before the host starts.
+
+    Raises:
+        WorkflowError: unreadable JSON or neither format.
+    """
+    try:
+        data = json.loads(Path(source).read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise WorkflowError(f"workflow: cannot read {source}: {e}") from None
+    if not (is_ui_workflow(data) or is_api_prompt(data)):
+        raise WorkflowError(f"workflow: {source} is neither the UI format ('nodes' + 'links') nor an API prompt "
+                            "({id: {'class_type', 'inputs'}}); save it from the ComfyUI menu (Workflow → Save "
+                            "or Export (API))")
+    return data
+
+
 def load_prompt(source: str | Path | dict, node_classes: Mapping[str, Any] | None = None,
                 rng: random.Random | None = None, display_names: Mapping[str, str] | None = None) -> dict[str, dict]:
     """Read a workflow file (UI or API format) or dict and return an API prompt.
@@ -455,12 +474,7 @@ def load_prompt(source: str | Path | dict, node_classes: Mapping[str, Any] | Non
     Raises:
         WorkflowError: unreadable JSON or neither format.
     """
-    data = source
-    if not isinstance(source, dict):
-        try:
-            data = json.loads(Path(source).read_text(encoding="utf-8"))
-        except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
-            raise WorkflowError(f"workflow: cannot read {source}: {e}") from None
+    data = source if isinstance(source, dict) else read_workflow(source)
     if is_ui_workflow(data):
         return ui_to_api(data, node_classes, rng, display_names)
     if is_api_prompt(data):

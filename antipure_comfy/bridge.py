@@ -162,10 +162,7 @@ class HostDiffusionModel:
     """
 
     def __init__(self, model, vae, cond=None, model_options: dict | None = None):
-        check_supported(model)
-        check_vae(vae)
-        if cond is not None:
-            check_conditioning(cond)
+        # built after the caller's boundary check (check_inputs): no second check here
         self.model, self.vae, self.cond = model, vae, cond
         self.model_options = model.model_options if model_options is None else model_options
         self.model_sampling = model.get_model_object("model_sampling")
@@ -288,10 +285,22 @@ def session(model, vae, positive=None) -> Iterator[HostDiffusionModel]:
     Yields:
         HostDiffusionModel: the core's model interface.
     """
+    check_inputs(model, vae, positive)
+    with open_session(model, vae, positive) as dm:
+        yield dm
+
+
+def check_inputs(model, vae, positive=None) -> None:
+    """The bridge's boundary check, in one place: MODEL family, VAE and (if given) CONDITIONING."""
     check_supported(model)
     check_vae(vae)
     if positive is not None:
         check_conditioning(positive)
+
+
+@contextlib.contextmanager
+def open_session(model, vae, positive=None) -> Iterator[HostDiffusionModel]:
+    """:func:`session` without its checks, for callers that ran :func:`check_inputs` at their own boundary."""
     with torch.inference_mode(False), torch.enable_grad():
         model_management.load_models_gpu([model, vae.patcher], force_full_load=True)
         undo = []

@@ -3,7 +3,7 @@ of the user's MODEL on an IMAGE batch (the attacker's step).
 
 ``training='dreambooth'`` is :mod:`.dreambooth`. For ``'lora'``, the host's own trainable LoRA adapters (:mod:`.lora_adapters`) sit on a
 clone of the MODEL; the core's :func:`~antipure_core.customize.customize`
-loop trains them through :func:`.bridge.session`, which makes the host's
+loop trains them through :func:`.bridge.open_session`, which makes the host's
 weights differentiable under its inference mode (the adapters live in the
 layers' ``weight_function`` lists, not in the module tree, so the bridge
 leaves them alone and they stay trainable leaf tensors). The node returns the
@@ -113,9 +113,7 @@ def customize_model(node_id=None, **inputs):
         if not a.get(key):  # 0 or absent (a graph saved before the input existed) = this mode's default
             a[key] = value
     model, vae, positive, clip = a["model"], a["vae"], a["positive"], a.get("clip")
-    bridge.check_supported(model)
-    bridge.check_vae(vae)
-    bridge.check_conditioning(positive, "positive")
+    bridge.check_inputs(model, vae, positive)
     x = image_batch(a["images"], "images")
     steps, lr, batch_size, grad_accum = a["steps"], a["learning_rate"], a["batch_size"], a["grad_accumulation"]
     _check_int(steps, "steps", "0 = the mode's default; DreamBooth 1000, DreamBooth-LoRA 400-1000")
@@ -169,7 +167,7 @@ def customize_model(node_id=None, **inputs):
     if training == "lora":
         mp, adapters = attach_lora(model, keys, a["rank"], a["alpha"], a["seed"])
         train_mp = db.precision_clone(mp, precision, training_clone)
-        with bridge.session(train_mp, vae, positive) as dm, \
+        with bridge.open_session(train_mp, vae, positive) as dm, \
                 ckpt.gradient_checkpointing(train_mp, enabled=a["gradient_checkpointing"]):
             losses = customize(dm, x, dm.cond, trainable_parameters(adapters), prior=_in_session(prior, to_encode, dm),
                                callback=callback, **common)
@@ -188,7 +186,7 @@ def customize_model(node_id=None, **inputs):
                 positive = db.prompt_encoder(te, a.get("instance_prompt") or INSTANCE_PROMPT)
                 if prior is not None:
                     prior.cond = db.prompt_encoder(te, a.get("class_prompt") or CLASS_PROMPT)
-            dm = stack.enter_context(bridge.session(train_mp, vae, None))
+            dm = stack.enter_context(bridge.open_session(train_mp, vae, None))
             stack.enter_context(ckpt.gradient_checkpointing(train_mp, enabled=a["gradient_checkpointing"]))
             losses = customize(dm, x, positive, [*diffs.values(), *te_diffs.values()],
                                prior=_in_session(prior, to_encode, dm), callback=callback, **common)

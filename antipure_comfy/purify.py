@@ -232,6 +232,7 @@ def _host_sampling(method: str, model, vae, positive, negative, sampler_name, sc
         raise ValueError(f"positive: purifier {method!r} samples with the model and needs a prompt "
                          "CONDITIONING; connect CLIP Text Encode (an empty prompt for unconditional "
                          "purification)")
+    bridge.check_inputs(model, vae, positive)
     if negative is None:
         negative = zeroed(positive)
     dm = HostSamplingModel(model, vae)

@@ -88,9 +88,7 @@ def protect_with_surrogate(model, vae, positive, x: torch.Tensor, method: str, e
     cfg = surrogate if surrogate is not None else HostSurrogate()
     if not isinstance(cfg, HostSurrogate):
         raise TypeError(f"surrogate_settings: expected the AntiPure Surrogate Settings output, got {type(cfg).__name__}")
-    bridge.check_supported(model)
-    if cfg.class_positive is not None:
-        bridge.check_conditioning(cfg.class_positive, "class_positive")
+    bridge.check_inputs(model, vae, positive)  # class_positive was checked by surrogate_settings
     settings = replace(cfg.settings, prediction=prediction_type(model))  # checked by protect_surrogate
     if cfg.training == "lora":
         mp, adapters = attach_lora(model, target_keys(model, cfg.target), cfg.rank, float(cfg.rank), seed)
@@ -99,7 +97,7 @@ def protect_with_surrogate(model, vae, positive, x: torch.Tensor, method: str, e
         mp, params = attach_full(model)
     train_mp = training_clone(mp)
     callback = host_callback(inner_steps(method, steps, x.shape[0], settings), node_id)
-    with bridge.session(train_mp, vae, positive) as dm, \
+    with bridge.open_session(train_mp, vae, positive) as dm, \
             checkpointing.gradient_checkpointing(train_mp, vae, enabled=gradient_checkpointing):
         prior = _prior(cfg, dm, x, seed)
         return protect_surrogate(dm, x, dm.cond, params, method, eta=eta, alpha=alpha, steps=steps, seed=seed,

@@ -35,11 +35,11 @@ class AntiPureProtect(io.ComfyNode):
                                        "advdm, mist, photoguard (encoder attack), sds (SDS−), random (uniform "
                                        "noise), aspl / fsmg (Anti-DreamBooth), simac (these three fine-tune a "
                                        "surrogate of the MODEL: surrogate_settings)."),
-                io.Float.Input("eta", default=8.0, min=0.0, max=255.0, step=0.5,
+                io.Float.Input("eta", default=8.0, min=0.5, max=255.0, step=0.5,  # eta 0 is no budget
                                tooltip="L∞ budget η in /255 units (8 = 8/255). Every pixel stays within η."),
                 io.Int.Input("steps", default=100, min=0, max=10000,
                              tooltip="PGD iterations. 0 returns the input unchanged."),
-                io.Float.Input("alpha", default=1.0, min=0.0, max=255.0, step=0.1,
+                io.Float.Input("alpha", default=1.0, min=0.01, max=255.0, step=0.01,  # alpha 0 never moves
                                tooltip="PGD step size α in /255 units."),
                 io.Int.Input("seed", default=0, min=0, max=0xFFFFFFFFFFFFFFFF,
                              control_after_generate=True,

@@ -59,6 +59,9 @@ def _jsonable(v):
 def _atomic_write(path: Path, text: str) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name, suffix=".tmp")
+    umask = os.umask(0)
+    os.umask(umask)
+    os.fchmod(fd, 0o666 & ~umask)  # mkstemp makes 0600; the file gets what open() would give, like the images
     with os.fdopen(fd, "w", newline="") as f:
         f.write(text)
     os.replace(tmp, path)  # a crash never leaves a half-written results file

@@ -428,6 +428,14 @@ def test_append_results_groups_by_label(tmp_path):
         append_results(tmp_path / "bad.json", None, "x", {})
 
 
+def test_results_files_get_the_permissions_of_any_other_output_file(tmp_path):
+    (tmp_path / "image.png").write_bytes(b"")  # as the host's image saving creates files: plain open()
+    pj, pc = tmp_path / "r.json", tmp_path / "r.csv"
+    append_results(pj, pc, "antipure", {"psnr": 35.0})
+    mode = (tmp_path / "image.png").stat().st_mode & 0o777
+    assert pj.stat().st_mode & 0o777 == mode and pc.stat().st_mode & 0o777 == mode
+
+
 # ------------------------------------------------------------ evaluate
 
 def test_evaluate_smoke_with_every_group(small_photo):

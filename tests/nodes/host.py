@@ -10,8 +10,11 @@ other through relative imports exactly as in a running server.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
+import signal
 import sys
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from types import ModuleType
@@ -91,3 +94,21 @@ def boot(root: Path) -> Host:
     if pack is None:
         raise RuntimeError(f"the host could not import the pack at {PACK_DIR} (see the log above)")
     return Host(root=root, pack_dir=PACK_DIR, pack=pack, pack_loaded=loaded)
+
+
+@contextlib.contextmanager
+def running_servers(comfy_root: Path, bases: list[Path], timeout: float = 240):
+    """ComfyUI servers on loopback, one per base directory, started together and ready; stopped afterwards
+    (a server stopped by SIGSTOP is continued first, as it cannot terminate otherwise)."""
+    from antipure.comfyui import ServerProcess
+
+    procs = [ServerProcess(comfy_root, base) for base in bases]
+    try:
+        with ThreadPoolExecutor(len(procs)) as pool:
+            list(pool.map(lambda p: p.wait_ready(timeout=timeout), procs))
+        yield procs
+    finally:
+        for p in procs:
+            if p.process.poll() is None:
+                os.kill(p.process.pid, signal.SIGCONT)
+            p.stop()

@@ -106,13 +106,23 @@ def test_cancel_mid_run_leaves_no_output(graph, tiny_checkpoint, input_image, ou
     assert saved_pngs(output_dir, "cancelled") == []
 
 
-def test_bad_eta_is_a_clear_error(graph, tiny_checkpoint, input_image):
+@pytest.mark.parametrize("name", ["eta", "alpha"])
+def test_the_widget_refuses_what_the_node_would_refuse_at_run_time(host, graph, tiny_checkpoint, input_image, name):
+    check_inputs = host.pack_import("antipure_comfy.protect").check_inputs
+
     g, _ = protect_graph(tiny_checkpoint("sd15"), input_image(40, 56), steps=1)
     prompt = g.finalize()
     node = next(v for v in prompt.values() if v["class_type"] == "AntiPureProtect")
-    node["inputs"]["eta"] = 0.0
+    node["inputs"][name] = 0.0
     result = graph.run(prompt)
-    assert not result.ok and "eta" in (result.error or "")
+    assert not result.ok and result.validation is not None  # refused before anything runs
+    assert name in str(result.validation[3]), result.validation
+    low = nodes.NODE_CLASS_MAPPINGS["AntiPureProtect"].INPUT_TYPES()["required"][name][1]["min"]
+    budget = {"eta": 8.0, "alpha": 1.0, name: low}
+    check_inputs("antipure", budget["eta"], budget["alpha"], None, object(), object(), object())  # its min is accepted
+    with pytest.raises(ValueError, match=name):
+        check_inputs("antipure", **{"eta": 8.0, "alpha": 1.0, name: 0.0}, purifier=None, model=object(),
+                     vae=object(), positive=object())
 
 
 def test_steps_zero_returns_input(graph, tiny_checkpoint, input_image, output_dir):

@@ -18,7 +18,6 @@ import subprocess
 import sys
 import textwrap
 from collections import Counter
-from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import numpy as np
@@ -30,7 +29,7 @@ import nodes
 from antipure import cli, errors
 from antipure.comfyui import ServerProcess, free_port
 from antipure.remote import run_remote
-from tests.nodes.host import PACK_DIR
+from tests.nodes.host import PACK_DIR, running_servers
 from tests.nodes.test_workflow_tools import UIGraph, write_image
 
 COMFY_ROOT = Path(nodes.__file__).parent
@@ -41,14 +40,8 @@ SETS_ARGS = [arg for item in SETS for arg in ("--set", item)]
 @pytest.fixture(scope="module")
 def servers(tmp_path_factory):
     """Two running ComfyUI servers: list of :class:`ServerProcess` (ready)."""
-    procs = [ServerProcess(COMFY_ROOT, tmp_path_factory.mktemp(f"server{i}")) for i in range(2)]
-    try:
-        with ThreadPoolExecutor(2) as pool:
-            list(pool.map(lambda p: p.wait_ready(timeout=240), procs))
+    with running_servers(COMFY_ROOT, [tmp_path_factory.mktemp(f"server{i}") for i in range(2)]) as procs:
         yield procs
-    finally:
-        for p in procs:
-            p.stop()
 
 
 def noise_workflow() -> dict:
@@ -88,25 +81,46 @@ def remote(workflow, images, out, servers, **kw):
                                   progress=False, **kw))
 
 
+def add_bad_images(folder: Path) -> dict[str, str]:
+    """Files the host's loader would accept or mangle but the runner refuses: name -> start of the reason."""
+    noise = np.random.default_rng(0).integers(0, 256, (128, 128, 3), dtype=np.uint8)
+    Image.fromarray(noise).save(folder / "im3_cut.png")
+    whole = (folder / "im3_cut.png").read_bytes()
+    (folder / "im3_cut.png").write_bytes(whole[: len(whole) // 3])  # its first third, between two good ones
+    (folder / "empty.png").write_bytes(b"")
+    (folder / "broken.png").write_bytes(b"not a png")
+    Image.new("RGB", (32, 32)).save(folder / "jpeg_named.png", "JPEG")
+    Image.fromarray(np.full((32, 32), 40000, np.uint16)).save(folder / "grey16.png")
+    return {"im3_cut.png": "im3_cut.png: truncated or corrupt image data",
+            "empty.png": "empty.png: empty file (0 bytes)",
+            "broken.png": "broken.png: not an image Pillow can read",
+            "jpeg_named.png": "jpeg_named.png: the file holds JPEG data but is named .png",
+            "grey16.png": "grey16.png: unsupported mode I;16"}
+
+
 def test_a_folder_is_sharded_over_both_servers_like_the_in_process_run(servers, batch, tmp_path):
     workflow, images = batch
-    (images / "broken.png").write_bytes(b"not a png")  # a node error: reported once, not retried
+    bad = add_bad_images(images)  # refused before upload: own rows, never started, the others go on
     events = []
     results = remote(workflow, images, tmp_path / "remote", servers, on_event=lambda *e: events.append(e))
     by_image = {r.image: r for r in results}
-    assert by_image["broken.png"].status == "error" and "LoadImage" in by_image["broken.png"].error
-    assert [e[2].name for e in events if e[0] == "start"].count("broken.png") == 1
+    for name, reason in bad.items():
+        assert by_image[name].status == "invalid" and by_image[name].error.startswith(reason), by_image[name]
+    assert not {e[2].name for e in events if e[0] == "start"} & set(bad)
     ran_on = Counter(e[1] for e in events if e[0] == "done")
     assert set(ran_on) == {s.url for s in servers}  # both servers did work
 
-    (images / "broken.png").unlink()
     code = cli.main(["run", str(workflow), "--images", str(images), "--out", str(tmp_path / "local"), "--no-progress",
                      "--comfyui", str(COMFY_ROOT), *SETS_ARGS])
-    assert code == errors.EXIT_OK
+    assert code == errors.EXIT_FAILED  # some images failed
     local = rows(tmp_path / "local")
-    far = [r for r in rows(tmp_path / "remote") if r["image"] != "broken.png"]
+    far = rows(tmp_path / "remote")
     strip = [{k: v for k, v in r.items() if k != "seconds"} for r in local]
     assert strip == [{k: v for k, v in r.items() if k != "seconds"} for r in far]  # the same table
+    assert {r["image"] for r in local if r["status"] == "invalid"} == set(bad)
+    assert not any((tmp_path / out / Path(name).stem).exists() for name in bad for out in ("local", "remote"))
+    local = [r for r in local if r["image"] not in bad]
+    assert [r["input"] for r in local] == [f"PNG RGB {32 + 8 * i}x32 8-bit" for i in range(8)]
     assert [r["Width.text"] for r in local] == [str(32 + 8 * i) for i in range(8)]
     assert {r["Label.STRING"] for r in local} == {"size-ok"}
     for r in local:
@@ -117,6 +131,8 @@ def test_a_folder_is_sharded_over_both_servers_like_the_in_process_run(servers, 
         assert a.std() > 5  # the noise is there
     assert not (tmp_path / "remote" / ".partial").exists()
     # in-process --resume: everything is done, nothing is run or rewritten
+    for name in bad:
+        (images / name).unlink()
     before = {p: p.stat().st_mtime_ns for p in (tmp_path / "local").rglob("*")}
     assert cli.main(["run", str(workflow), "--images", str(images), "--out", str(tmp_path / "local"),
                      "--no-progress", "--comfyui", str(COMFY_ROOT), "--resume", *SETS_ARGS]) == errors.EXIT_OK
@@ -194,7 +210,7 @@ def test_a_server_killed_mid_run_loses_no_image(servers, batch, tmp_path):
     lost = [(e, s) for e, s, im in events if im is not None and im.name == killed[0]]
     assert lost[:2] == [("start", victim.url), ("retry", victim.url)]
     assert lost[-1] == ("done", servers[1].url)  # re-queued on the survivor
-    assert ("server_dropped", victim.url) in [(e, s) for e, s, _ in events]
+    assert ("server_down", victim.url) in [(e, s) for e, s, _ in events]  # checked, never back: no more work
 
 
 #: tiny settings for the stress test: one 64-px image, 32-px samples, every lane two or three steps

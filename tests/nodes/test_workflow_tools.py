@@ -445,6 +445,12 @@ def test_cli_exit_codes_before_boot(tmp_path, three_images):
     assert proc.returncode == errors.EXIT_NO_HOST and "COMFYUI_PATH" in proc.stderr
     proc = _cli([str(tmp_path / "missing.json"), "--images", str(three_images), "--out", out], host_root)
     assert proc.returncode == errors.EXIT_BAD_WORKFLOW and "missing.json" in proc.stderr
+    # a broken workflow is reported before the host is even looked for (its start takes many seconds)
+    (tmp_path / "cut.json").write_text(json.dumps(invert_workflow())[:50])
+    (tmp_path / "other.json").write_text('{"nodes": "not a list"}')
+    for name, reason in (("cut.json", "cannot read"), ("other.json", "neither the UI format")):
+        proc = _cli([str(tmp_path / name), "--images", str(three_images), "--out", out], str(tmp_path / "nohost"))
+        assert proc.returncode == errors.EXIT_BAD_WORKFLOW and name in proc.stderr and reason in proc.stderr, proc.stderr
     proc = _cli([str(tmp_path / "wf.json"), "--images", str(tmp_path / "nope"), "--out", out], host_root)
     assert proc.returncode == errors.EXIT_NO_IMAGES and "does not exist" in proc.stderr
     (tmp_path / "empty").mkdir()
@@ -511,8 +517,10 @@ def test_runner_reports_failed_image_and_continues(tmp_path, capsys, input_dir):
                      "--no-progress", "--comfyui", str(Path(nodes.__file__).parent)])
     assert code == errors.EXIT_FAILED
     rows = {r["image"]: r for r in csv.DictReader(open(tmp_path / "out" / "results.csv", encoding="utf-8"))}
-    assert rows["ok.png"]["status"] == "ok" and rows["broken.png"]["status"] in ("invalid", "error")
-    assert rows["broken.png"]["error"]
+    assert rows["ok.png"]["status"] == "ok" and rows["ok.png"]["input"] == "PNG RGB 32x32 8-bit"
+    assert rows["broken.png"]["status"] == "invalid"  # refused before the host's loader sees it
+    assert rows["broken.png"]["error"].startswith("broken.png: not an image Pillow can read")
+    assert "broken.png: invalid: broken.png: not an image" in capsys.readouterr().err
 
 
 # --- the host's real web frontend (headless Chromium): previews, and conversion ground truth --

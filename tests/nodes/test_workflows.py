@@ -4,6 +4,7 @@ from __future__ import annotations
 import asyncio
 import csv
 import json
+import re
 import shutil
 import sys
 from pathlib import Path
@@ -148,14 +149,22 @@ def test_stress_test_runs_end_to_end(host, prompt_for, output_dir, tmp_path):
                                            progress=False))
     assert [r.status for r in results] == ["ok"], results[0].error
     rows = list(csv.DictReader(open(tmp_path / "out" / "results.csv")))
-    assert len(rows) == 1 and rows[0]["status"] == "ok"
-    # each Evaluate score is a column of its own, FID included (it names the missing weights here)
-    fid = [v for k, v in rows[0].items() if k.endswith(".generated/fid")]
-    assert len(fid) == 4 and all("not available" in v for v in fid), rows[0].keys()
-    # the DreamBooth lane has its own columns; its Customize summary says what it trained
-    assert any(k.startswith("DreamBooth scores.") for k in rows[0]), rows[0].keys()
+    # one row per lane, one column per score (FID included: it names the missing weights here), no markdown
+    assert [(r["image"], r["lane"], r["status"]) for r in rows] == [
+        ("face.png", f"antipure+{lane}", "ok") for lane in ("diffpure", "gridpure", "gridpure+dreambooth", "jpeg")]
+    # the DreamBooth lane's Customize summary says what it trained
     assert "(dreambooth)" in rows[0]["DreamBooth model.text"] and "text encoder" in rows[0]["DreamBooth model.text"]
-    assert all(float(v) > 0 for k, v in rows[0].items() if k.endswith(".protected/psnr"))
-    written = {p.name for p in (tmp_path / "out").rglob("*")}
-    assert any(n.endswith(".csv") and "stress_test" in n for n in written), written
-    assert any(n.endswith(".json") and "stress_test" in n for n in written), written
+    assert all("not available" in r["generated/fid"] and float(r["protected/psnr"]) > 0 for r in rows)
+    assert not any("\n" in v or "|---" in v for r in rows for v in r.values())
+    out = tmp_path / "out"
+    written = {p.relative_to(out).as_posix() for p in out.rglob("*") if p.is_file()}
+    assert {"face/antipure/stress_test.csv", "face/antipure/stress_test.json"} <= written, written
+    # the markdown reports are files, and name only files that exist (relative to OUT), not the staging folder
+    reports = sorted(n for n in written if n.endswith(".md"))
+    assert len(reports) == 4 and set(reports) <= set(rows[0]["outputs"].split(";")), reports
+    named = {m for n in reports for m in re.findall(r"`([^`\s]+\.(?:json|csv))`", (out / n).read_text())}
+    assert named == {"face/antipure/stress_test.json", "face/antipure/stress_test.csv"}, named
+    # every output file gets the same permissions (the host's images: what open() gives)
+    modes = {p.relative_to(tmp_path / "out").as_posix(): p.stat().st_mode & 0o777
+             for p in (tmp_path / "out").rglob("*") if p.is_file()}
+    assert len(set(modes.values())) == 1, modes
