@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import comfy.clip_model as clip_model
 import comfy.latent_formats as latent_formats
+import comfy.lora as comfy_lora
 import comfy.ldm.modules.diffusionmodules.model as vae_modules
 import comfy.ldm.modules.diffusionmodules.openaimodel as openaimodel
 import comfy.model_base as model_base
@@ -31,4 +32,4 @@ __all__ = [
 ]
 __all__ += ["weight_adapter", "nodes_train"]
 __all__ += ["sample", "ImageUpscaleWithModel", "vae_modules"]
-__all__ += ["openaimodel", "nodes_model_merging", "clip_model"]
+__all__ += ["openaimodel", "nodes_model_merging", "clip_model", "comfy_lora"]

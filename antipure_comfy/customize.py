@@ -130,7 +130,7 @@ def customize_model(node_id=None, **inputs):
         raise ValueError(f"precision: expected one of {db.PRECISIONS}, got {precision!r}")
     if opt_name not in db.OPTIMIZERS:
         raise ValueError(f"optimizer: expected one of {db.OPTIMIZERS}, got {opt_name!r}")
-    optimizer = db.optimizer_factory(opt_name, model.load_device)
+    optimizer = db.optimizer_factory(opt_name, model.load_device, fused=training == "dreambooth")
     # without a CLIP the conditioning comes in encoded, so there is no text encoder to train (the summary says)
     train_te = bool(a.get("train_text_encoder")) and training == "dreambooth" and clip is not None
     class_positive, class_images = a.get("class_positive"), a.get("class_images")
@@ -176,9 +176,7 @@ def customize_model(node_id=None, **inputs):
         out_clip = clip
         what = f"{len(keys)} LoRA layers (rank {a['rank']}, {a['target']})"
     else:
-        mp = model.clone()
-        diffs = db.add_differences(mp, "diffusion_model.")
-        train_mp = db.precision_clone(mp, precision, training_clone)
+        train_mp = db.precision_clone(db.trainable_copy(model), precision, lambda m: m)
         te, te_diffs = db.attach_text_encoder(clip) if train_te else (None, {})
         with contextlib.ExitStack() as stack:
             if train_te:
@@ -188,8 +186,12 @@ def customize_model(node_id=None, **inputs):
                     prior.cond = db.prompt_encoder(te, a.get("class_prompt") or CLASS_PROMPT)
             dm = stack.enter_context(bridge.open_session(train_mp, vae, None))
             stack.enter_context(ckpt.gradient_checkpointing(train_mp, enabled=a["gradient_checkpointing"]))
-            losses = customize(dm, x, positive, [*diffs.values(), *te_diffs.values()],
-                               prior=_in_session(prior, to_encode, dm), callback=callback, **common)
+            weights = db.copy_parameters(train_mp)
+            # a cancel drops the private copy, so the core keeps no copy of it to restore
+            losses = customize(dm, x, positive, [*weights.values(), *te_diffs.values()],
+                               prior=_in_session(prior, to_encode, dm), callback=callback, restore=False, **common)
+        diffs = db.differences(model, weights)
+        del train_mp, weights, dm
         mp = db.with_differences(model, diffs)
         out_clip = db.with_differences(clip, te_diffs) if train_te else clip
         what = f"every UNet weight ({len(diffs)} tensors)" + (

@@ -1,12 +1,16 @@
 """DreamBooth on the host: every UNet weight, and optionally the text encoder, fine-tuned on a clone.
 
-Training puts a zero-started difference on every weight of a clone (the
-host trainer's ``BiasDiff`` wrapper, :func:`add_differences`, as ASPL's
-full fine-tuning does), so the input MODEL / CLIP are never written.
-The trained differences come out as ordinary weight patches
-(``add_patches``, the host's "diff" patch) on fresh clones: the host samples
-them like any LoRA patch, and its own ``CheckpointSave`` code bakes them into
-a checkpoint (:func:`save_checkpoint`).
+The UNet trains as a private copy (:func:`trainable_copy`): the host's
+weights as it samples with them (its patches applied by its own
+``calculate_weight``) become float32 leaf tensors of a deep copy of the
+model, so the input MODEL is never written and training holds what
+diffusers' DreamBooth holds (weight, gradient, two AdamW moments) beside the
+host's own weights; no per-layer sums. The text encoder (small) trains a
+zero-started difference on a clone's weights (the host trainer's
+``BiasDiff`` wrapper, :func:`add_differences`). Both come out as ordinary
+weight patches (the host's "diff" patch, :func:`with_differences`) on fresh
+clones: the host samples them like any LoRA patch, and its own
+``CheckpointSave`` code bakes them into a checkpoint (:func:`save_checkpoint`).
 
 Defaults are Anti-DreamBooth's (VinAIResearch/Anti-DreamBooth,
 ``scripts/train_dreambooth_alone.sh`` and the DreamBooth step of every
@@ -16,18 +20,22 @@ Defaults are Anti-DreamBooth's (VinAIResearch/Anti-DreamBooth,
 AdamW betas (0.9, 0.999), weight decay 1e-2, ``--max_grad_norm`` 1.0).
 Its class images come from the model's own pipeline with its default 50
 steps and guidance 7.5 (diffusers' defaults), here from the host's sampler.
-One difference by design: AdamW's weight decay pulls the difference, not
-the weight, toward zero (at lr 5e-7 a change of 5e-9 of a weight per step).
+On the text encoder, AdamW's weight decay pulls the difference, not the
+weight, toward zero (at lr 5e-7 a change of 5e-9 of a weight per step).
 """
 from __future__ import annotations
 
 import contextlib
+import copy
+import functools
 import os
+import uuid
 
 import torch
 
 from . import bridge
-from .comfy_host import clip_model, comfy_utils, folder_paths, model_management, nodes_model_merging, sample
+from .comfy_host import (clip_model, comfy_lora, comfy_utils, folder_paths, model_management, model_patcher,
+                         nodes_model_merging, sample)
 from .comfy_host import nodes_train
 
 #: CLIP weights the host never loads or saves (``comfy/supported_models.py`` pops them from SD1.x / SDXL
@@ -62,6 +70,66 @@ def add_differences(patcher, prefix: str = "", skip=frozenset()) -> dict:
     return diffs
 
 
+def start_weight(model, key: str, stored) -> torch.Tensor:
+    """``key``'s weight as ``model`` samples with it, in float32 on ``stored``'s device: the stored weight (the
+    host's backup when patches are applied now) plus every patch, computed by the host's ``calculate_weight``."""
+    (base, convert), *patches = stored
+    w = convert(base.to(torch.float32, copy=True), inplace=True)
+    return comfy_lora.calculate_weight(patches, w, key) if patches else w
+
+
+def trainable_copy(model, prefix: str = "diffusion_model."):
+    """A MODEL of its own for full fine-tuning: a deep copy of ``model.model`` whose weights under ``prefix`` are
+    float32 leaf tensors holding :func:`start_weight` (other tensors are shared with the host, frozen).
+
+    The copy carries ``model``'s object patches and options but no weight patches (they are in its weights).
+    Enter :func:`.bridge.session` on it, then :func:`copy_parameters` gives the tensors to train.
+    """
+    stored = model.get_key_patches(prefix)
+    src = model.model
+    with torch.inference_mode(False):
+        # deepcopy with every weight pre-mapped: the trained ones to new float32 tensors, the rest to the
+        # host's own, so nothing is copied twice; the host's patcher is not part of the model
+        memo = {id(src.current_patcher): None} if getattr(src, "current_patcher", None) is not None else {}
+        for name, p in src.named_parameters():
+            memo[id(p)] = (torch.nn.Parameter(start_weight(model, name, stored[name]), requires_grad=False)
+                           if name in stored else p)
+        twin = copy.deepcopy(src, memo)
+    for m in twin.modules():  # the host's per-load state of the original, which the copy's patcher redoes
+        for attr, fresh in (("weight_function", []), ("bias_function", []), ("comfy_patched_weights", False)):
+            if hasattr(m, attr):
+                setattr(m, attr, copy.copy(fresh))
+    for attr in ("model_loaded_weight_memory", "lowvram_patch_counter", "model_lowvram", "current_weight_patches_uuid"):
+        if hasattr(twin, attr):
+            delattr(twin, attr)
+    twin.device = model.offload_device
+    out = model_patcher.ModelPatcher(twin, model.load_device, model.offload_device)
+    out.object_patches = model.object_patches.copy()
+    out.model_options = copy.deepcopy(model.model_options)
+    out.patches_uuid = uuid.uuid4()
+    if model.model_dtype() != torch.float32:  # half-precision storage: the float32 copy computes in float32
+        out.set_model_compute_dtype(torch.float32)
+    return out
+
+
+def copy_parameters(train, prefix: str = "diffusion_model.") -> dict:
+    """``{key: tensor}`` of :func:`trainable_copy`'s weights under ``prefix``, made trainable; read them inside the
+    session (loading may move them), whose exit freezes them again."""
+    params = {k: p for k, p in train.model.named_parameters() if k.startswith(prefix)}
+    for p in params.values():
+        p.requires_grad_(True)
+    return params
+
+
+def differences(model, params: dict) -> dict:
+    """The trained weights as differences from :func:`start_weight`, in place (the copy is spent), on
+    ``model``'s offload device: the patches :func:`with_differences` puts on a clone of ``model``."""
+    stored = model.get_key_patches("diffusion_model.")
+    with torch.inference_mode(False), torch.no_grad():
+        return {k: p.detach().sub_(start_weight(model, k, stored[k]).to(p.device)).to(model.offload_device)
+                for k, p in params.items()}
+
+
 def attach_text_encoder(clip):
     """A clone of ``clip`` with a trainable zero difference on every text-encoder weight the host loads
     (all but :data:`UNSET_TEXT_KEYS`); ``(clone, {key: diff})``."""
@@ -73,7 +141,7 @@ def with_differences(patchable, diffs: dict):
     """A clone of the MODEL or CLIP ``patchable`` carrying ``diffs`` as the host's weight patches."""
     out = patchable.clone()
     with torch.inference_mode(False):
-        out.add_patches({k: (d.detach().clone(),) for k, d in diffs.items()}, 1.0, 1.0)
+        out.add_patches({k: (d.detach(),) for k, d in diffs.items()}, 1.0, 1.0)
     return out
 
 
@@ -146,10 +214,16 @@ def precision_clone(mp, precision: str, default):
     return train
 
 
-def optimizer_factory(name: str, device):
-    """``None`` (the core's AdamW) or bitsandbytes' 8-bit AdamW, which exists for CUDA devices only."""
+def optimizer_factory(name: str, device, fused: bool = False):
+    """``None`` (the core's AdamW), torch's fused AdamW (``fused``, on CPU and CUDA) or bitsandbytes' 8-bit AdamW,
+    which exists for CUDA devices only.
+
+    The fused AdamW is the same update in one kernel per tensor instead of a chain of element-wise passes over
+    weight, gradient and moments: it pays where that pass is a large part of a step (every UNet weight), not for
+    a LoRA's few tensors (whose runs stay as they were).
+    """
     if name == "adamw":
-        return None
+        return functools.partial(torch.optim.AdamW, fused=True) if fused and device.type in ("cpu", "cuda") else None
     if device.type != "cuda":
         raise ValueError(f"optimizer: adamw8bit (bitsandbytes) runs on CUDA devices only, and this model trains "
                          f"on {device}; choose adamw")

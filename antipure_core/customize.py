@@ -190,7 +190,8 @@ def customize(model, images: Images, cond: Any, params: Iterable[Tensor], steps:
               batch_size: int = 1, grad_accum: int = 1, prediction: str = "eps", prior: Optional[Prior] = None,
               weight_decay: float = 1e-2, generator: Seed = None, callback: Callback = None,
               latents: Optional[Tensor] = None, max_grad_norm: Optional[float] = None,
-              optimizer: Optional[Callable[..., torch.optim.Optimizer]] = None) -> list[float]:
+              optimizer: Optional[Callable[..., torch.optim.Optimizer]] = None,
+              restore: bool = True) -> list[float]:
     """Fine-tune ``params`` so that ``model`` denoises ``images`` under ``cond`` (DreamBooth / LoRA).
 
     Each of the ``steps`` optimiser steps averages ``grad_accum`` micro-batches
@@ -223,6 +224,8 @@ def customize(model, images: Images, cond: Any, params: Iterable[Tensor], steps:
             Anti-DreamBooth: 1.0); ``None`` does not clip.
         optimizer: ``optimizer(params, lr=, weight_decay=)`` makes the optimiser (default
             ``torch.optim.AdamW``; e.g. an 8-bit AdamW on CUDA).
+        restore: on an exception, put ``params`` back to their values at entry; ``False`` for params the
+            caller discards then (a private copy of a model), which saves keeping a copy of them.
 
     Returns:
         The loss of every step (instance + weight * prior, averaged over the micro-batches).
@@ -230,7 +233,7 @@ def customize(model, images: Images, cond: Any, params: Iterable[Tensor], steps:
     Raises:
         ValueError: bad argument (named in the message). FloatingPointError: the loss became
         NaN/inf (lower ``lr``). On any exception, including a cancel from the callback,
-        ``params`` are restored to their values at entry and nothing is returned.
+        ``params`` are restored to their values at entry (unless ``restore`` is false) and nothing is returned.
     """
     check_model(model)
     if (images is None) == (latents is None):
@@ -270,7 +273,7 @@ def customize(model, images: Images, cond: Any, params: Iterable[Tensor], steps:
 
     # what a cancel restores; a tensor that starts at zero (a LoRA's down, a full fine-tune's difference) is
     # not copied: for full fine-tuning that copy would be one more model's worth of memory
-    start = [p.detach().clone() if p.detach().any() else None for p in params]
+    start = [p.detach().clone() if restore and p.detach().any() else None for p in params]
     opt = (optimizer or torch.optim.AdamW)(params, lr=lr, weight_decay=weight_decay)
     losses: list[float] = []
     try:
@@ -301,7 +304,7 @@ def customize(model, images: Images, cond: Any, params: Iterable[Tensor], steps:
     except BaseException:
         # a cancelled or failed run leaves no half-trained adapter behind
         with torch.no_grad():
-            for p, p0 in zip(params, start):
+            for p, p0 in zip(params, start if restore else ()):
                 p.zero_() if p0 is None else p.copy_(p0)
         raise
     return losses

@@ -13,16 +13,18 @@ the memory); ``--impl`` picks the side:
   dependency.
 * **pack**: the same UNet layout built with the host's classes and random
   weights, loaded by the host's checkpoint loader (:mod:`bench_protect`), and
-  the Customize node's ``training=dreambooth`` path: a zero difference on
-  every UNet weight of a clone (``antipure_comfy.dreambooth.add_differences``),
-  the training clone, ``bridge.session`` and the core's ``customize`` loop
-  with the same optimiser settings and clipping, progress hook included.
+  the Customize node's ``training=dreambooth`` path: the private float32 copy
+  of the UNet (``antipure_comfy.dreambooth.trainable_copy``), the bridge's
+  session and the core's ``customize`` loop with the same optimiser settings
+  and clipping, progress hook included, then the trained weights turned into
+  the output's patches (``differences``).
 
 Both train on the same fixed latents (4 x res/8 x res/8) and a random
 77 x 768 text conditioning, so the VAE encoder and the text encoder are out
 of the step on both sides (diffusers' script encodes the images every step,
 the pack once before training; the text encoder is frozen in this
-comparison). The first step is a warm-up (AdamW allocates its state); the
+comparison). Both hold the SD1.5 VAE in memory, as the script and the host
+do. The first step is a warm-up (AdamW allocates its state); the
 second is the census (FLOPs, peak memory: the process's anonymous resident
 memory, weights and optimiser state included, or the CUDA allocator's peak);
 the next ``--steps`` are timed (median of wall and of CPU seconds).
@@ -30,7 +32,7 @@ the next ``--steps`` are timed (median of wall and of CPU seconds).
 ``--depth reduced`` keeps SD1.5's block types, widths, heads and context but
 only its first three levels with one res block each (420 M parameters of
 860 M): the same code path with fewer blocks, for machines where the pack's
-full SD1.5 fine-tune (about 21 GB on the CPU, BENCHMARKS.md) does not fit; ``--depth small``
+full SD1.5 fine-tune (BENCHMARKS.md) does not fit; ``--depth small``
 keeps the first two levels (107 M parameters).
 
     python benchmarks/bench_dreambooth.py --impl diffusers --resolution 256 --threads 2
@@ -72,6 +74,10 @@ SMALL_UNET = dict(REDUCED_UNET, block_out_channels=(320, 640), down_block_types=
                   up_block_types=("CrossAttnUpBlock2D",) * 2)
 SMALL_LAYOUT = dict(REDUCED_LAYOUT, num_res_blocks=[1, 1], channel_mult=[1, 2], transformer_depth=[1, 1],
                     transformer_depth_output=[1] * 4)
+# runwayml/stable-diffusion-v1-5 vae/config.json
+SD15_VAE = dict(in_channels=3, out_channels=3, latent_channels=4, block_out_channels=(128, 256, 512, 512),
+                down_block_types=("DownEncoderBlock2D",) * 4, up_block_types=("UpDecoderBlock2D",) * 4,
+                layers_per_block=2, norm_num_groups=32, sample_size=512)
 UNETS = {"full": (SD15_UNET, SD15_LAYOUT), "reduced": (REDUCED_UNET, REDUCED_LAYOUT), "small": (SMALL_UNET, SMALL_LAYOUT)}
 
 
@@ -100,10 +106,12 @@ def data(a, device):
 
 
 def run_diffusers(a, device):
-    from diffusers import DDPMScheduler, UNet2DConditionModel
+    from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
     cfg = UNETS[a.depth][0]
     torch.manual_seed(0)
     unet = UNet2DConditionModel(**cfg).to(device).train()
+    # train_dreambooth.py keeps the VAE on the device for the whole run (as the host keeps the pack's VAE)
+    vae = AutoencoderKL(**SD15_VAE).to(device).requires_grad_(False)  # noqa: F841
     sched = DDPMScheduler(num_train_timesteps=1000, beta_start=0.00085, beta_end=0.012,
                           beta_schedule="scaled_linear")
     opt = torch.optim.AdamW(unet.parameters(), lr=LR, betas=BETAS, weight_decay=WEIGHT_DECAY, eps=EPS)
@@ -141,7 +149,7 @@ def run_pack(a, device):
     pack = bench_protect.boot_host(a)
     patcher, vae = bench_protect.load_sd15(torch.float32)
     mod = lambda name: importlib.import_module(f"{pack.__name__}.{name}")  # noqa: E731
-    db, hc, bridge = mod("antipure_comfy.dreambooth"), mod("antipure_comfy.customize"), mod("antipure_comfy.bridge")
+    db, bridge = mod("antipure_comfy.dreambooth"), mod("antipure_comfy.bridge")
     customize = mod("antipure_core.customize").customize
     node_callback = mod("antipure_comfy.progress").host_callback(a.steps + 2)
     latents, context = data(a, device)
@@ -159,13 +167,15 @@ def run_pack(a, device):
         clock.start()
 
     with torch.inference_mode():  # as the host's executor runs a node
-        mp = patcher.clone()
-        diffs = db.add_differences(mp, "diffusion_model.")
-        train_mp = hc.training_clone(mp)
-        with bridge.session(train_mp, vae, None) as dm:
-            customize(dm, None, cond, list(diffs.values()), steps=a.steps + 2, lr=LR, batch_size=a.batch,
-                      prediction="eps", generator=0, callback=callback, latents=latents, max_grad_norm=MAX_GRAD_NORM)
-    n = sum(d.numel() for d in diffs.values())
+        bridge.check_inputs(patcher, vae)
+        train_mp = db.trainable_copy(patcher)
+        with bridge.open_session(train_mp, vae, None) as dm:
+            weights = db.copy_parameters(train_mp)
+            customize(dm, None, cond, list(weights.values()), steps=a.steps + 2, lr=LR, batch_size=a.batch,
+                      prediction="eps", generator=0, callback=callback, latents=latents, max_grad_norm=MAX_GRAD_NORM,
+                      restore=False, optimizer=db.optimizer_factory("adamw", device, fused=True))
+        n = sum(w.numel() for w in weights.values())
+        db.differences(patcher, weights)  # the node's last step: the trained weights as patches
     return n, times, counted[0]
 
 

@@ -393,3 +393,17 @@ def test_sample_changes_after_customization_and_bad_input():
         sample(model, cond, (1, 4, 8))
     with pytest.raises(ValueError, match="steps"):
         sample(model, cond, (1, 4, 8, 8), steps=0)
+
+
+def test_customize_cancel_without_restore_keeps_no_copy():
+    """``restore=False`` (a private copy the caller drops): a cancel leaves the params as trained so far."""
+    model, cond, params = _lora_toy(0)
+    start = [p.detach().clone() for p in params]
+
+    def cb(info):
+        if info["i"] == 2:
+            raise Cancelled()
+
+    with pytest.raises(Cancelled):
+        _train(model, cond, params, steps=10, callback=cb, restore=False)
+    assert any(not torch.equal(p, p0) for p, p0 in zip(params, start))

@@ -193,3 +193,34 @@ def test_bad_inputs_raise_naming_the_input(node, tiny_model, encode_text, checkp
     with pytest.raises(ValueError, match=match):
         run(node, model, change.pop("clip", clip), vae, encode_text(clip), **change)
     assert not list(checkpoints_dir.rglob("db_0*")) and not list(checkpoints_dir.parent.glob("up*"))
+
+
+def test_trains_the_weights_the_host_samples_with_and_frees_its_copy(host, node, tiny_model, encode_text,
+                                                                    monkeypatch):
+    """A MODEL carrying a weight patch (a LoRA loader's, say) trains from the patched weights; its private copy is
+    gone once the node returns (the host's model list holds no reference to it)."""
+    import gc
+    import weakref
+
+    db = host.pack_import("antipure_comfy.dreambooth")
+    model, clip, vae = tiny_model("sd15")
+    key = next(k for k, v in model.model.state_dict().items() if k.startswith("diffusion_model.") and v.ndim == 2)
+    shift = torch.randn(model.model.state_dict()[key].shape, generator=torch.Generator().manual_seed(1))
+    patched = model.clone()
+    patched.add_patches({key: (shift,)}, 1.0, 1.0)
+    copies = []
+    real_copy = db.trainable_copy
+
+    def recording_copy(m, *args, **kwargs):
+        out = real_copy(m, *args, **kwargs)
+        copies.append((weakref.ref(out.model), out.model.state_dict()[key].detach().clone()))
+        return out
+
+    monkeypatch.setattr(db, "trainable_copy", recording_copy)
+    host_weight = model.model.state_dict()[key].detach().clone()
+    run(node, patched, clip, vae, encode_text(clip), steps=1)
+    (twin, start), = copies
+    assert torch.allclose(start, host_weight + shift, atol=1e-6)  # the patch is in the weights it trains
+    assert torch.equal(model.model.state_dict()[key], host_weight)
+    gc.collect()
+    assert twin() is None, "the trained copy outlived the node"
