@@ -71,10 +71,11 @@ def add_differences(patcher, prefix: str = "", skip=frozenset()) -> dict:
 
 
 def start_weight(model, key: str, stored) -> torch.Tensor:
-    """``key``'s weight as ``model`` samples with it, in float32 on ``stored``'s device: the stored weight (the
-    host's backup when patches are applied now) plus every patch, computed by the host's ``calculate_weight``."""
+    """``key``'s weight as ``model`` samples with it, in float32 on ``model``'s offload device (so a copy of the
+    model is never made on the accelerator beside the host's): the stored weight (the host's backup when patches
+    are applied now) plus every patch, computed by the host's ``calculate_weight``."""
     (base, convert), *patches = stored
-    w = convert(base.to(torch.float32, copy=True), inplace=True)
+    w = convert(base.to(model.offload_device, torch.float32, copy=True), inplace=True)
     return comfy_lora.calculate_weight(patches, w, key) if patches else w
 
 

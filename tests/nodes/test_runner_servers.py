@@ -243,10 +243,12 @@ def test_the_stress_test_with_its_dreambooth_lane_runs_on_a_server(servers, tmp_
     code = cli.main(["run", str(workflow), "--images", str(images), "--out", str(tmp_path / "out"),
                      "--server", server.url, "--no-progress", *sets])
     table = rows(tmp_path / "out")
-    assert code == errors.EXIT_OK and len(table) == 1 and table[0]["status"] == "ok", table
-    row = table[0]
+    # one row per lane, the DreamBooth lane's scores in its own row
+    assert code == errors.EXIT_OK and [(r["lane"], r["status"]) for r in table] == [
+        (f"antipure+{lane}", "ok") for lane in ("diffpure", "gridpure", "gridpure+dreambooth", "jpeg")], table
+    row = next(r for r in table if r["lane"] == "antipure+gridpure+dreambooth")
     assert "(dreambooth)" in row["DreamBooth model.text"] and "text encoder" in row["DreamBooth model.text"]
-    assert any(k.startswith("DreamBooth scores.") and v for k, v in row.items()), row.keys()
+    assert row["generated/grid_score"] and row["purified/psnr"] == table[1]["purified/psnr"], row  # GrIDPure images
     assert "Customized" in row["GrIDPure LoRA.text"] and "(dreambooth)" not in row["GrIDPure LoRA.text"]
     written = {p.name for p in (tmp_path / "out").rglob("*")}
     assert any("comparison_dreambooth" in n and n.endswith(".png") for n in written), written
