@@ -31,9 +31,7 @@ from .frequency import FrequencyGuidance, pfg_loss
 from .model import check_features
 from .patterns import target_pattern
 from .timestep import TimestepGuidance, erroneous_timestep, etg_loss
-from .windows import grid_windows
-
-WINDOW_MODES = ("all", "random")
+from .windows import WINDOW_MODES, grid_windows, pick_windows  # noqa: F401 (WINDOW_MODES: re-exported)
 
 
 @dataclass
@@ -203,9 +201,7 @@ def attack_tiles(ctx: AttackContext, z: Tensor) -> list[Tensor]:
         return [z]
     stride = ctx.stride or ctx.window // 2
     tiles = grid_windows(tuple(z.shape[-2:]), ctx.window // f, max(1, stride // f)).crops(z)
-    if ctx.window_mode == "random":
-        return [tiles[int(torch.randint(len(tiles), (1,), generator=ctx.generator))]]
-    return tiles
+    return [tiles[j] for j in pick_windows(len(tiles), ctx.window_mode, ctx.generator)]
 
 
 def antipure_parts(ctx: AttackContext, x_adv: Tensor, z: Tensor) -> Iterator[dict]:
