@@ -90,15 +90,16 @@ def gaussian_blur(x: Tensor, sigma: float = 1.0) -> Tensor:
     """
     check_image(x, "image")
     check_number(sigma, "sigma", lo=0, hint="(pixels)")
-    return blur(x, sigma)
+    return blur(x, sigma).clamp(0, 1)
 
 
 def blur(x: Tensor, sigma: float) -> Tensor:
-    """:func:`gaussian_blur` on trusted inputs (differentiable, no device synchronisation); any ``(B, C, H, W)``."""
+    """:func:`gaussian_blur` on trusted inputs and not clamped (so it also smooths gradients); any ``(B, C, H, W)``,
+    differentiable, no device synchronisation."""
     if sigma == 0:
         return x.clone()
     k = 2 * math.ceil(3 * sigma) + 1
-    return kornia.filters.gaussian_blur2d(x, (k, k), (float(sigma), float(sigma)), border_type="replicate").clamp(0, 1)
+    return kornia.filters.gaussian_blur2d(x, (k, k), (float(sigma), float(sigma)), border_type="replicate")
 
 
 def resize_down_up(x: Tensor, scale: float = 0.5) -> Tensor:
