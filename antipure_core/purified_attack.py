@@ -18,7 +18,8 @@ attack's generator.
 ``PurifiedSettings()``), ``'pixel_model'`` (a
 :class:`~antipure_core.pixel_diffusion.PixelDiffusion`, needed when GrIDPure or
 DiffPure has weight), ``'sdedit_cond'`` (SDEdit's conditioning, default the
-instance conditioning ``ctx.cond``).
+instance conditioning ``ctx.cond``). Under ``purified_aspl`` SDEdit runs on the
+surrogate being trained (the attack's model), not on a frozen copy.
 
 Example:
     >>> s = PurifiedSettings(route="k_step", k=3, purifiers={"gridpure": 3, "jpeg": 1})
@@ -65,7 +66,7 @@ class PurifiedSettings:
         lowpass_sigma: σ px > 0 smooths δ's ascent direction: the gradient reaching δ is Gaussian-blurred
             before PGD's sign, so each update is coherent over about σ px (low-frequency perturbations pass a
             purifier as content); 0: off. A filter on the gradient, not a reparameterisation of δ: the
-            PGD skeleton keeps iterating on ``x'``.
+            PGD skeleton keeps iterating on ``x'``. Costs one more encoder pass for the plain term.
     """
 
     route: str = "full"
@@ -189,7 +190,8 @@ def check_purified(ctx) -> None:
     if pixel and s.purified_weight > 0:
         pm = ctx.options.get("pixel_model")
         if pm is None:
-            raise ValueError(f"pixel_model: {' and '.join(pixel)} run on a pixel diffusion model; pass "
+            verb = "runs" if len(pixel) == 1 else "run"
+            raise ValueError(f"pixel_model: {' and '.join(pixel)} {verb} on a pixel diffusion model; pass "
                              "options['pixel_model'] (the node: connect AntiPure Load Pixel Diffusion) or give "
                              "them weight 0")
         check_model(pm)

@@ -93,7 +93,7 @@ def one_step_x0(model, z0: Tensor, t_start: int, cond: Any, generator: Optional[
     """The one-step x̂₀ of ``z0`` noised to ``t ~ U{0..t_start}`` (schedule indices), clipped to [-1, 1] if
     ``clip`` (a pixel model's ``clip_denoised``)."""
     t, _, z_t = noise_at_random_t(model, z0, 0, t_start, generator)
-    x0 = predict_x0(model, z_t, t, model.predict_noise(z_t, t, cond).float())
+    x0 = predict_x0(model, z_t, t, model.predict_noise(z_t, t, cond).to(z_t.dtype))
     return x0.clamp(-1, 1) if clip else x0
 
 

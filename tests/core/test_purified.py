@@ -255,7 +255,7 @@ def test_bad_options_raise_at_the_context(toy, adm):
     model, cond = toy
     x = smooth_image(1, 16, 16)
     m = METHODS["purified_advdm"]
-    with pytest.raises(ValueError, match=r"pixel_model: gridpure run on a pixel diffusion model; pass "
+    with pytest.raises(ValueError, match=r"pixel_model: gridpure runs on a pixel diffusion model; pass "
                                          r"options\['pixel_model'\]"):
         attack_context(model, x, cond, gen(), m)
     with pytest.raises(TypeError, match=r"options\['purification'\]: expected PurifiedSettings"):
