@@ -3,6 +3,9 @@ on tiny SD1.x / SD2.x (v) / SDXL checkpoints: every route, every purifier of the
 the user's models untouched, cancel, and the errors for a missing input."""
 from __future__ import annotations
 
+import shutil
+from pathlib import Path
+
 import numpy as np
 import pytest
 import torch
@@ -30,7 +33,8 @@ ROUTE_SETS = {"one_step": dict(gridpure_weight=0.0, sdedit_weight=1.0),
 
 @pytest.fixture(scope="module")
 def pack(host):
-    return (host.pack_import("nodes.protect").AntiPureProtect, host.pack_import("nodes.purified").AntiPurePurifiedSettings,
+    return (host.pack_import("nodes.protect").AntiPureProtect,
+            host.pack_import("nodes.purified").AntiPurePurifiedSettings,
             host.pack_import("nodes.pixel_diffusion").AntiPureLoadPixelDiffusion)
 
 
@@ -127,7 +131,8 @@ def test_every_route_runs_bounded_and_differs_from_advdm(graph, tiny_checkpoint,
 @pytest.mark.parametrize("purifier", ["gridpure", "diffpure", "sdedit", "jpeg", "resize", "blur"])
 def test_each_purifier_of_the_set_runs_alone(pack, sd15, pixel, purifier):
     """Only the purified term (w = 1) through one purifier; the chains on the one_step / k_step routes."""
-    weights = {f"{n}_weight": float(n == purifier) for n in ("gridpure", "diffpure", "sdedit", "jpeg", "resize", "blur")}
+    weights = {f"{n}_weight": float(n == purifier)
+               for n in ("gridpure", "diffpure", "sdedit", "jpeg", "resize", "blur")}
     s = settings(pack, purified_weight=1.0, route="k_step", k=1, diffpure_size=32, **weights)
     out = run(pack, sd15, purifier=pixel, purified_settings=s, steps=1)
     d = (out - clean_image()).abs()
@@ -228,3 +233,28 @@ def test_settings_of_another_node_are_refused(pack, sd15, pixel):
     with pytest.raises(TypeError, match="purified_settings: expected the AntiPure Purified-Attack Settings output"), \
             torch.inference_mode():
         run(pack, sd15, purifier=pixel, purified_settings={"route": "full"})
+
+
+def test_comparison_workflow_lane_runs(graph, tiny_checkpoint, tiny_pixel_checkpoint, input_image):
+    """The shipped comparison's Purified-AdvDM lane (settings node, pixel purifier, GrIDPure, Evaluate), small."""
+    from antipure.prompts import apply_sets, find_node
+    from antipure.workflow_format import load_prompt
+    from tests.nodes.host import PACK_DIR
+
+    shutil.copy(folder_paths.get_annotated_filepath(input_image),
+                Path(folder_paths.get_input_directory()) / "example.png")
+    prompt = load_prompt(PACK_DIR / "example_workflows" / "antipure_baseline_comparison.json",
+                         nodes.NODE_CLASS_MAPPINGS)
+    lane = "Purified-AdvDM"
+    apply_sets(prompt, [f"Checkpoint.ckpt_name={tiny_checkpoint('sd15')}",
+                        f"Purifier.ckpt_name={tiny_pixel_checkpoint}",
+                        "Purifier.num_head_channels=32", f"{lane}.steps=1", "Purified settings.grid_window=16",
+                        "Purified settings.grid_t_star=3", f"{lane} purified.grid_window=16",
+                        f"{lane} purified.grid_stride=8", f"{lane} purified.grid_iterations=1",
+                        f"{lane} purified.grid_rounds=1"], nodes.NODE_CLASS_MAPPINGS)
+    protect, scores, report = (find_node(prompt, f"{lane}{suffix}") for suffix in ("", " scores", " report"))
+    assert prompt[protect]["inputs"]["method"] == "purified_advdm"
+    result = graph.run(prompt, outputs=[report])
+    assert result.ok, result.error
+    assert [v for n, v, t in result.progress if n == protect] == [1]
+    assert "purified_advdm" in result.outputs[scores][0][0]  # Evaluate's markdown report
