@@ -387,12 +387,16 @@ def main_adm(a, pack, device: torch.device) -> None:
                                                  window=a.window, window_mode=a.window_mode), device)
 
 
-def main(argv=None):
-    a = parse_args(argv)
+def start(a) -> tuple:
+    """Apply ``--threads`` and boot the host with the pack: ``(pack, torch device)``."""
     if a.threads:
         torch.set_num_threads(a.threads)
-    pack = boot_host(a)
-    device = torch.device(a.device)
+    return boot_host(a), torch.device(a.device)
+
+
+def main(argv=None):
+    a = parse_args(argv)
+    pack, device = start(a)
     if a.purifier == "adm":
         return main_adm(a, pack, device)
     bridge = importlib.import_module(f"{pack.__name__}.antipure_comfy.bridge")

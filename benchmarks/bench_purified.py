@@ -53,8 +53,8 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from adm256 import BareADM, build_adm256  # noqa: E402
-from bench_protect import (ATTENTION, DTYPES, SD15_LAYOUT, Census, Clock, _backward, _held, boot_host,  # noqa: E402
-                           load_sd15, machine, measure)
+from bench_protect import (ATTENTION, DTYPES, SD15_LAYOUT, Census, Clock, _backward, _held, load_sd15,  # noqa: E402
+                           machine, measure, start)
 
 ROUTES = ("one_step", "k_step", "full")
 #: ``--depth small``: one res block per level (SD1.5 is still detected as SD1.5: depth is free), for smoke runs
@@ -191,10 +191,7 @@ def aspl_outer(pack, dm, params, x, a, device) -> dict:
 
 def main(argv=None):
     a = parse_args(argv)
-    if a.threads:
-        torch.set_num_threads(a.threads)
-    pack = boot_host(a)
-    device = torch.device(a.device)
+    pack, device = start(a)
     mod = lambda name: importlib.import_module(f"{pack.__name__}.{name}")  # noqa: E731
     bridge, pixel_bridge = mod("antipure_comfy.bridge"), mod("antipure_comfy.pixel_bridge")
     checkpointing = mod("antipure_comfy.checkpointing").gradient_checkpointing
