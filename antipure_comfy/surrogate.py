@@ -1,4 +1,4 @@
-"""Surrogate training for Protect's ``aspl``, ``fsmg`` and ``simac`` on the host's MODEL, and their settings.
+"""Surrogate training for Protect's ``aspl``, ``fsmg``, ``simac``, ``purified_aspl`` on the host's MODEL; settings.
 
 The trainable part sits on a clone of the user's MODEL as the host's own
 weight wrappers, so the MODEL itself is never written: LoRA adapters from
@@ -80,10 +80,13 @@ def _prior(cfg: HostSurrogate, dm, x: torch.Tensor, seed: int) -> Optional[Prior
 
 def protect_with_surrogate(model, vae, positive, x: torch.Tensor, method: str, eta: float, alpha: float, steps: int,
                            seed: int, random_start: bool, eot_samples: int, surrogate: Optional[HostSurrogate],
-                           gradient_checkpointing: bool = False, node_id=None) -> torch.Tensor:
-    """Run ``aspl`` / ``fsmg`` / ``simac`` on the host's MODEL; returns protected ``(B, 3, H, W)`` images.
+                           gradient_checkpointing: bool = False, node_id=None, options: Optional[dict] = None
+                           ) -> torch.Tensor:
+    """Run ``aspl`` / ``fsmg`` / ``simac`` / ``purified_aspl`` on the host's MODEL; returns protected
+    ``(B, 3, H, W)`` images.
 
-    ``eta``, ``alpha`` in pixel scale; ``steps`` PGD steps in total. The MODEL is cloned, never written.
+    ``eta``, ``alpha`` in pixel scale; ``steps`` PGD steps in total; ``options``: the method's core options
+    (``purified_aspl``: :func:`.purified.purified_options`). The MODEL is cloned, never written.
     """
     cfg = surrogate if surrogate is not None else HostSurrogate()
     if not isinstance(cfg, HostSurrogate):
@@ -102,8 +105,8 @@ def protect_with_surrogate(model, vae, positive, x: torch.Tensor, method: str, e
         prior = _prior(cfg, dm, x, seed)
         return protect_surrogate(dm, x, dm.cond, params, method, eta=eta, alpha=alpha, steps=steps, seed=seed,
                                  settings=settings, train_images=cfg.train_images, prior=prior,
-                                 random_start=random_start, eot_samples=eot_samples, restore=False,
-                                 callback=callback)
+                                 random_start=random_start, eot_samples=eot_samples, options=options,
+                                 restore=False, callback=callback)
 
 
 def surrogate_settings(training, train_steps, attack_steps, fsmg_train_steps, learning_rate, rank, target,
