@@ -34,7 +34,7 @@ DEMO_SETTINGS = [
     "Purifier.ckpt_name=" + PIXEL_CHECKPOINT, "Purifier.num_head_channels=32",
     "Protect.steps=3", "Protect.alpha=2",
     "DiffPure.steps=10",
-    "Protect.window=64",
+    "Protect.window=64", "Purified settings.grid_window=64",  # one window, for method=purified_advdm too
     "GrIDPure.grid_window=64", "GrIDPure.grid_stride=32", "GrIDPure.grid_iterations=2", "GrIDPure.grid_rounds=1",
     "Latent.width=64", "Latent.height=64", "Latent.batch_size=1",
     *[f"{p} LoRA.steps=4" for p in LANES],

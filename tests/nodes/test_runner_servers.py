@@ -219,10 +219,13 @@ STRESS_SETS = [
     *[f"{p} LoRA.steps=3" for p in ("DiffPure", "GrIDPure", "JPEG")],
     *[f"{p} sample.steps=2" for p in ("DiffPure", "GrIDPure", "JPEG", "DreamBooth")],
     "DreamBooth model.steps=2", "DreamBooth model.class_image_count=1", "DreamBooth model.class_sampling_steps=2",
+    # the method the stress test's note offers: the SD model attacked through the pixel purifier (the in-process
+    # run of this workflow in test_workflows.py keeps antipure)
+    "Protect.method=purified_advdm",
 ]
 
 
-def test_the_stress_test_with_its_dreambooth_lane_runs_on_a_server(servers, tmp_path):
+def test_the_stress_test_with_purified_advdm_and_its_dreambooth_lane_runs_on_a_server(servers, tmp_path):
     # the shipped stress test queued through the runner on a real server, with the demo's random-weight
     # checkpoints (the plain host detects them: no test-only registration in the server process)
     from antipure.demo import DEMO_SETTINGS, SAMPLE
