@@ -18,6 +18,8 @@ from typing import Iterable
 
 from antipure_core.metrics import markdown_table
 
+from .report import aggregate, fmt, metric_table
+
 #: Student's t 97.5 % quantile by degrees of freedom (two-sided 95 % interval)
 T975 = {1: 12.706, 2: 4.303, 3: 3.182, 4: 2.776, 5: 2.571, 6: 2.447, 7: 2.365, 8: 2.306, 9: 2.262, 10: 2.228,
         15: 2.131, 20: 2.086, 30: 2.042}
@@ -111,16 +113,29 @@ def question_tables(rows: list[dict], eta: int, methods: list[str], baselines: l
             for col in (c for c in unseen if c in cols):
                 u = values(rows, eta, m, col, metric)
                 iv = paired(u, g, 0.5)
+                vs = paired(u, values(rows, eta, best, col, metric))
                 table.append({"method": m, "column": col, f"{metric} there": fmt_iv(t_interval(u.values())),
                               "minus ½ · GrIDPure's": fmt_iv(iv), "per subject": fmt_diffs(iv),
-                              "resolved": resolved(iv)})
+                              "resolved": resolved(iv),
+                              f"minus {best} there": "" if m == best else f"{fmt_iv(vs)} ({resolved(vs)})"})
         out += [f"#### {metric}: does at least half of the GrIDPure effect hold under unseen purifiers? "
                 f"η = {eta}/255", "", markdown_table(table), ""]
     return "\n".join(out)
 
 
+def _number(v: str):
+    try:
+        return int(v)
+    except ValueError:
+        try:
+            return float(v)
+        except ValueError:
+            return v
+
+
 def merge(paths: list[Path]) -> list[dict]:
-    """Rows of several runs; a ``none`` row repeated by a later run (same subject, eta, column) is dropped."""
+    """Rows of several runs, numbers parsed; a ``none`` row repeated by a later run (same subject, eta, column)
+    is dropped (each run's ``sample_gain``/``subject_drop`` are already relative to its own ``none`` rows)."""
     rows, seen = [], set()
     for p in paths:
         with Path(p).open() as f:
@@ -129,8 +144,26 @@ def merge(paths: list[Path]) -> list[dict]:
                 if key in seen:
                     continue
                 seen.add(key)
-                rows.append(r)
+                rows.append({k: _number(v) for k, v in r.items() if v != ""})
     return rows
+
+
+def summary_tables(rows: list[dict], eta: int) -> str:
+    """Mean ± s.d. over subjects of the effect scores and survival by method × column, and the objectives."""
+    agg = aggregate(rows)
+    purifiers = list(dict.fromkeys(r["purifier"] for r in rows))
+    out = []
+    for metric in (*EFFECTS, "survival"):
+        out += [f"#### {metric} (mean ± s.d. over subjects), η = {eta}/255", "",
+                metric_table(agg, eta, metric, purifiers), ""]
+    obj = {a["method"]: {"objective first 5 steps": fmt(a["objective_start"], a["objective_start_sd"], 4),
+                         "last 5 steps": fmt(a["objective_end"], a["objective_end_sd"], 4),
+                         "seconds to protect 4 photos": f"{a['protect_s']:.0f}"}
+           for a in agg if a["eta"] == eta and a["purifier"] == "none" and "objective_start" in a}
+    if obj:
+        out += [f"#### The purified methods' own objective (PGD loss, mean ± s.d. over subjects), η = {eta}/255", "",
+                markdown_table(obj, "method"), ""]
+    return "\n".join(out)
 
 
 def main(argv=None) -> str:
@@ -149,8 +182,8 @@ def main(argv=None) -> str:
     names = list(dict.fromkeys(r["method"] for r in rows))
     methods = [m for m in names if m.startswith("purified_")]
     baselines = [m for m in names if m != "none" and m not in methods]
-    text = "\n".join(question_tables(rows, eta, methods, baselines) for eta in a.eta
-                     if any(int(r["eta"]) == eta for r in rows))
+    text = "\n".join(summary_tables(rows, eta) + "\n" + question_tables(rows, eta, methods, baselines)
+                     for eta in a.eta if any(int(r["eta"]) == eta for r in rows))
     print(text)
     return text
 
