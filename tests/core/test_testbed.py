@@ -170,6 +170,11 @@ def test_committed_models_match_the_configs_and_work():
     assert adm_info["cached"] and ldm_info["cached"], "retrain: python -m benchmarks.testbed.run, then commit models/"
     got = denoise_psnr(adm, n=16)
     assert got["denoised_db"] > got["noisy_db"] + 3  # a trained denoiser, not random weights
+    # the gridpure-unknown column's purifier: the same config with another training seed, committed too
+    from benchmarks.testbed.run import unknown_config
+    unknown, info = build_purifier(unknown_config(PurifierConfig(), experiment.Settings()), MODELS_DIR, verbose=False)
+    assert info["cached"] and info["config"]["seed"] == 1
+    assert any(not torch.equal(a, b) for a, b in zip(unknown.unet.parameters(), adm.unet.parameters()))
     x = data.subject_views("coffee", n=2)
     with torch.no_grad():
         recon = ldm.decode(ldm.encode(x))
