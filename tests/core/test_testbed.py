@@ -288,3 +288,14 @@ def test_paired_comparisons_pair_by_subject_and_seed(tmp_path):
             w.writeheader()
             w.writerow({"subject": 0, "eta": 16, "method": method, "purifier": "gridpure", "sample_gain": name})
     assert [r["sample_gain"] for r in paired.merge([tmp_path / "a.csv", tmp_path / "b.csv"])] == ["a.csv"]
+
+
+def test_purified_check_compares_perturbations_pairwise():
+    from benchmarks.testbed.purified_check import compare
+
+    d = {"a": torch.tensor([0.0, 1.0, 2.0, 3.0]) / 255, "b": torch.tensor([0.0, 1.0, 2.0, 5.0]) / 255}
+    d["c"] = d["a"].clone()
+    got = {(r["a"], r["b"]): r for r in compare(d)}
+    assert set(got) == {("a", "b"), ("a", "c"), ("b", "c")}
+    assert got[("a", "b")]["equal"] == 0.75 and got[("a", "b")]["mean_abs_diff_255"] == pytest.approx(0.5)
+    assert got[("a", "c")]["equal"] == 1.0
