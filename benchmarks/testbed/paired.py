@@ -112,6 +112,8 @@ def question_tables(rows: list[dict], eta: int, methods: list[str], baselines: l
             g = values(rows, eta, m, ATTACKED, metric)
             for col in (c for c in unseen if c in cols):
                 u = values(rows, eta, m, col, metric)
+                if not u:  # a column this method's run did not have
+                    continue
                 iv = paired(u, g, 0.5)
                 vs = paired(u, values(rows, eta, best, col, metric))
                 table.append({"method": m, "column": col, f"{metric} there": fmt_iv(t_interval(u.values())),
