@@ -3,7 +3,7 @@
 A plumbing demo, not a protection result: the checkpoint has the SD1.5 layout
 (so the unmodified host loads it) but random weights, built locally in a few
 seconds. It shows every node running — protect, three purifiers, LoRA
-customization, generation, evaluation — on the sample face downscaled to 64 px,
+customization and a DreamBooth lane, generation, evaluation — on the sample face downscaled to 64 px,
 and saves the protected, purified and generated images, the LoRAs, the reports
 and the comparison strips under ``--out``. With a real checkpoint, use
 ``python -m antipure run``.
@@ -34,30 +34,34 @@ DEMO_SETTINGS = [
     "Purifier.ckpt_name=" + PIXEL_CHECKPOINT, "Purifier.num_head_channels=32",
     "Protect.steps=3", "Protect.alpha=2",
     "DiffPure.steps=10",
-    "Protect.window=64",
+    "Protect.window=64", "Purified settings.grid_window=64",  # one window, for method=purified_advdm too
     "GrIDPure.grid_window=64", "GrIDPure.grid_stride=32", "GrIDPure.grid_iterations=2", "GrIDPure.grid_rounds=1",
     "Latent.width=64", "Latent.height=64", "Latent.batch_size=1",
     *[f"{p} LoRA.steps=4" for p in LANES],
     *[f"{p} LoRA.gradient_checkpointing=false" for p in LANES],
-    *[f"{p} sample.steps=3" for p in LANES],
+    *[f"{p} sample.steps=3" for p in (*LANES, "DreamBooth")],
+    "DreamBooth model.steps=4", "DreamBooth model.learning_rate=1e-5", "DreamBooth model.class_image_count=2",
+    "DreamBooth model.class_sampling_steps=3", "DreamBooth model.gradient_checkpointing=false",
 ]
 
 
 def with_saved_images(workflow: dict) -> dict:
-    """The stress-test workflow (UI format) plus a SaveImage for each lane's purified and generated
-    images, so the demo keeps them as files, not only inside the comparison strips."""
+    """The stress-test workflow (UI format) plus a SaveImage for each purifier lane's purified and generated
+    images and the DreamBooth lane's generated ones, so the demo keeps them as files, not only inside the
+    comparison strips."""
     workflow = json.loads(json.dumps(workflow))
     by_title = {n.get("title"): n for n in workflow["nodes"]}
-    for lane in LANES:
-        for source, what in ((lane, "purified"), (f"{lane} decode", "generated")):
-            node_id = workflow["last_node_id"] = workflow["last_node_id"] + 1
-            link_id = workflow["last_link_id"] = workflow["last_link_id"] + 1
-            src = by_title[source]
-            src["outputs"][0].setdefault("links", []).append(link_id)
-            workflow["links"].append([link_id, src["id"], 0, node_id, 0, "IMAGE"])
-            workflow["nodes"].append({"id": node_id, "type": "SaveImage", "mode": 0, "title": f"{lane} {what} save",
-                                      "inputs": [{"name": "images", "type": "IMAGE", "link": link_id}], "outputs": [],
-                                      "properties": {}, "widgets_values": [f"antipure/{what}_{lane.lower()}"]})
+    saves = [(lane, source, what) for lane in LANES
+             for source, what in ((lane, "purified"), (f"{lane} decode", "generated"))]
+    for lane, source, what in [*saves, ("DreamBooth", "DreamBooth decode", "generated")]:
+        node_id = workflow["last_node_id"] = workflow["last_node_id"] + 1
+        link_id = workflow["last_link_id"] = workflow["last_link_id"] + 1
+        src = by_title[source]
+        src["outputs"][0].setdefault("links", []).append(link_id)
+        workflow["links"].append([link_id, src["id"], 0, node_id, 0, "IMAGE"])
+        workflow["nodes"].append({"id": node_id, "type": "SaveImage", "mode": 0, "title": f"{lane} {what} save",
+                                  "inputs": [{"name": "images", "type": "IMAGE", "link": link_id}], "outputs": [],
+                                  "properties": {}, "widgets_values": [f"antipure/{what}_{lane.lower()}"]})
     return workflow
 
 

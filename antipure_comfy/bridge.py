@@ -262,7 +262,8 @@ class HostDiffusionModel:
         noise = torch.zeros((1, *shape[1:]), device=self.device)  # only its shape is read
         conds = samplers.process_conds(self.model.model, noise, {"positive": sampler_helpers.convert_cond(plain)},
                                        self.device)["positive"]
-        self._prepared[key] = (cond, conds)
+        if not any(c[0].requires_grad for c in cond):  # a trained text encoder's cond is new every step
+            self._prepared[key] = (cond, conds)
         return conds
 
 

@@ -6,7 +6,9 @@ the host's API is fixed in one place. Importing this module needs a running
 """
 from __future__ import annotations
 
+import comfy.clip_model as clip_model
 import comfy.latent_formats as latent_formats
+import comfy.lora as comfy_lora
 import comfy.ldm.modules.diffusionmodules.model as vae_modules
 import comfy.ldm.modules.diffusionmodules.openaimodel as openaimodel
 import comfy.model_base as model_base
@@ -18,6 +20,7 @@ import comfy.sampler_helpers as sampler_helpers
 import comfy.samplers as samplers
 import comfy.utils as comfy_utils
 import comfy.weight_adapter as weight_adapter
+import comfy_extras.nodes_model_merging as nodes_model_merging
 import comfy_extras.nodes_train as nodes_train
 import folder_paths
 from comfy_extras.nodes_upscale_model import ImageUpscaleWithModel
@@ -29,4 +32,4 @@ __all__ = [
 ]
 __all__ += ["weight_adapter", "nodes_train"]
 __all__ += ["sample", "ImageUpscaleWithModel", "vae_modules"]
-__all__ += ["openaimodel"]
+__all__ += ["openaimodel", "nodes_model_merging", "clip_model", "comfy_lora"]

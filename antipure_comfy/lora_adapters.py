@@ -119,7 +119,7 @@ def lora_state_dict(model, adapters: dict) -> dict[str, Tensor]:
     return sd
 
 
-def lora_file_stem(name: str) -> str:
+def lora_file_stem(name: str, what: str = "lora_name") -> str:
     """Check a LoRA file name given by the user; returns it without ``.safetensors``.
 
     Subfolders (``a/b``) are allowed; absolute paths and ``..`` are not, so a
@@ -130,7 +130,7 @@ def lora_file_stem(name: str) -> str:
         stem = stem[: -len(".safetensors")]
     parts = stem.split("/")
     if not stem or os.path.isabs(stem) or any(p in ("", ".", "..") for p in parts):
-        raise ValueError(f"lora_name: {name!r} is not a usable file name; give a plain name such as "
+        raise ValueError(f"{what}: {name!r} is not a usable file name; give a plain name such as "
                          "'sks_person' (subfolders like 'antipure/sks_person' are fine, '..' and absolute "
                          "paths are not)")
     return stem

@@ -1,4 +1,4 @@
-"""Surrogate training for Protect's ``aspl``, ``fsmg`` and ``simac`` on the host's MODEL, and their settings.
+"""Surrogate training for Protect's ``aspl``, ``fsmg``, ``simac``, ``purified_aspl`` on the host's MODEL; settings.
 
 The trainable part sits on a clone of the user's MODEL as the host's own
 weight wrappers, so the MODEL itself is never written: LoRA adapters from
@@ -23,8 +23,8 @@ import torch
 from ..antipure_core.customize import Prior
 from ..antipure_core.surrogate import SurrogateSettings, generated_prior, inner_steps, protect_surrogate
 from . import bridge, checkpointing
-from .comfy_host import nodes_train
 from .customize import image_batch, prediction_type, training_clone
+from .dreambooth import add_differences
 from .lora_adapters import attach_lora, target_keys, trainable_parameters
 from .progress import host_callback
 
@@ -61,18 +61,7 @@ def attach_full(model):
         ``(clone, params)``; the clone initially predicts exactly what ``model`` predicts.
     """
     mp = model.clone()
-    params = []
-    with torch.inference_mode(False):
-        for name, m in mp.model.named_modules():
-            if not name.startswith("diffusion_model.") or not hasattr(m, "weight_function"):
-                continue
-            for attr in ("weight", "bias"):
-                w = getattr(m, attr, None)
-                if isinstance(w, torch.Tensor):
-                    diff = torch.nn.Parameter(torch.zeros(w.shape, dtype=torch.float32))
-                    mp.add_weight_wrapper(f"{name}.{attr}", nodes_train.BiasDiff(diff))
-                    params.append(diff)
-    return mp, params
+    return mp, list(add_differences(mp, "diffusion_model.").values())
 
 
 def _prior(cfg: HostSurrogate, dm, x: torch.Tensor, seed: int) -> Optional[Prior]:
@@ -91,10 +80,13 @@ def _prior(cfg: HostSurrogate, dm, x: torch.Tensor, seed: int) -> Optional[Prior
 
 def protect_with_surrogate(model, vae, positive, x: torch.Tensor, method: str, eta: float, alpha: float, steps: int,
                            seed: int, random_start: bool, eot_samples: int, surrogate: Optional[HostSurrogate],
-                           gradient_checkpointing: bool = False, node_id=None) -> torch.Tensor:
-    """Run ``aspl`` / ``fsmg`` / ``simac`` on the host's MODEL; returns protected ``(B, 3, H, W)`` images.
+                           gradient_checkpointing: bool = False, node_id=None, options: Optional[dict] = None
+                           ) -> torch.Tensor:
+    """Run ``aspl`` / ``fsmg`` / ``simac`` / ``purified_aspl`` on the host's MODEL; returns protected
+    ``(B, 3, H, W)`` images.
 
-    ``eta``, ``alpha`` in pixel scale; ``steps`` PGD steps in total. The MODEL is cloned, never written.
+    ``eta``, ``alpha`` in pixel scale; ``steps`` PGD steps in total; ``options``: the method's core options
+    (``purified_aspl``: :func:`.purified.purified_options`). The MODEL is cloned, never written.
     """
     cfg = surrogate if surrogate is not None else HostSurrogate()
     if not isinstance(cfg, HostSurrogate):
@@ -113,8 +105,8 @@ def protect_with_surrogate(model, vae, positive, x: torch.Tensor, method: str, e
         prior = _prior(cfg, dm, x, seed)
         return protect_surrogate(dm, x, dm.cond, params, method, eta=eta, alpha=alpha, steps=steps, seed=seed,
                                  settings=settings, train_images=cfg.train_images, prior=prior,
-                                 random_start=random_start, eot_samples=eot_samples, restore=False,
-                                 callback=callback)
+                                 random_start=random_start, eot_samples=eot_samples, options=options,
+                                 restore=False, callback=callback)
 
 
 def surrogate_settings(training, train_steps, attack_steps, fsmg_train_steps, learning_rate, rank, target,

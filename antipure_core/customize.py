@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Any, Iterable, Iterator, Optional, Sequence, Union
+from typing import Any, Callable, Iterable, Iterator, Optional, Sequence, Union
 
 import torch
 from torch import Tensor
@@ -49,7 +49,8 @@ class Prior:
     Give the class set either as ``images`` (``(N, 3, H, W)`` in [0, 1], or a
     list of same-size images; encoded once) or as pre-encoded scaled
     ``latents`` ``(N, c, h, w)``. ``cond`` is the class prompt's conditioning
-    (e.g. for :data:`CLASS_PROMPT`). ``weight`` is lambda (DreamBooth: 1.0).
+    (e.g. for :data:`CLASS_PROMPT`), or a callable returning it, called every micro-batch (a text
+    encoder being trained). ``weight`` is lambda (DreamBooth: 1.0).
     """
 
     cond: Any
@@ -108,6 +109,7 @@ def denoising_loss(model, z0: Tensor, cond: Any, prediction: str = "eps",
     this equals ``mean (eps_hat - eps)^2 / abar``, the weighting a v-prediction
     model is trained with.
     """
+    cond = cond() if callable(cond) else cond  # a trained text encoder encodes anew, with gradient
     t = sample_timesteps(z0.shape[0], 0, model.num_timesteps - 1, generator).to(z0.device)
     noise = randn_like(z0, generator)
     z_t = q_sample(model, z0, t, noise)
@@ -187,7 +189,9 @@ def _check_prior(prior: Prior, channels: int) -> None:
 def customize(model, images: Images, cond: Any, params: Iterable[Tensor], steps: int = 400, lr: float = 1e-4,
               batch_size: int = 1, grad_accum: int = 1, prediction: str = "eps", prior: Optional[Prior] = None,
               weight_decay: float = 1e-2, generator: Seed = None, callback: Callback = None,
-              latents: Optional[Tensor] = None, max_grad_norm: Optional[float] = None) -> list[float]:
+              latents: Optional[Tensor] = None, max_grad_norm: Optional[float] = None,
+              optimizer: Optional[Callable[..., torch.optim.Optimizer]] = None,
+              restore: bool = True) -> list[float]:
     """Fine-tune ``params`` so that ``model`` denoises ``images`` under ``cond`` (DreamBooth / LoRA).
 
     Each of the ``steps`` optimiser steps averages ``grad_accum`` micro-batches
@@ -199,7 +203,8 @@ def customize(model, images: Images, cond: Any, params: Iterable[Tensor], steps:
         model: a :class:`~antipure_core.model.DiffusionModel` whose ``predict_noise`` depends on ``params``.
         images: ``(B, 3, H, W)`` in [0, 1], or a list of same-size ``(3, H, W)`` / ``(B_k, 3, H, W)``
             tensors. Encoded once without gradients (H, W padded to ``model.downsample``).
-        cond: instance conditioning, e.g. of :data:`INSTANCE_PROMPT`; opaque to the core.
+        cond: instance conditioning, e.g. of :data:`INSTANCE_PROMPT`; opaque to the core. A callable
+            returning it is called for every micro-batch (a text encoder trained along).
         params: trainable leaf tensors (``requires_grad=True``), e.g. from ``add_lora``.
         steps: optimiser steps >= 1 (DreamBooth-LoRA: 400-1000).
         lr: AdamW learning rate > 0 (DreamBooth-LoRA: 1e-4).
@@ -217,6 +222,10 @@ def customize(model, images: Images, cond: Any, params: Iterable[Tensor], steps:
             encoding ``images`` (then pass ``images=None``); for loops that train repeatedly on one set.
         max_grad_norm: clip the gradient's global norm to this value before each step (DreamBooth and
             Anti-DreamBooth: 1.0); ``None`` does not clip.
+        optimizer: ``optimizer(params, lr=, weight_decay=)`` makes the optimiser (default
+            ``torch.optim.AdamW``; e.g. an 8-bit AdamW on CUDA).
+        restore: on an exception, put ``params`` back to their values at entry; ``False`` for params the
+            caller discards then (a private copy of a model), which saves keeping a copy of them.
 
     Returns:
         The loss of every step (instance + weight * prior, averaged over the micro-batches).
@@ -224,7 +233,7 @@ def customize(model, images: Images, cond: Any, params: Iterable[Tensor], steps:
     Raises:
         ValueError: bad argument (named in the message). FloatingPointError: the loss became
         NaN/inf (lower ``lr``). On any exception, including a cancel from the callback,
-        ``params`` are restored to their values at entry and nothing is returned.
+        ``params`` are restored to their values at entry (unless ``restore`` is false) and nothing is returned.
     """
     check_model(model)
     if (images is None) == (latents is None):
@@ -262,8 +271,10 @@ def customize(model, images: Images, cond: Any, params: Iterable[Tensor], steps:
         prior_batches = _batches(prior_latents.shape[0], batch_size, g_prior)
     batches = _batches(latents.shape[0], batch_size, g)
 
-    start = [p.detach().clone() for p in params]
-    opt = torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay)
+    # what a cancel restores; a tensor that starts at zero (a LoRA's down, a full fine-tune's difference) is
+    # not copied: for full fine-tuning that copy would be one more model's worth of memory
+    start = [p.detach().clone() if restore and p.detach().any() else None for p in params]
+    opt = (optimizer or torch.optim.AdamW)(params, lr=lr, weight_decay=weight_decay)
     losses: list[float] = []
     try:
         with torch.enable_grad():
@@ -293,7 +304,7 @@ def customize(model, images: Images, cond: Any, params: Iterable[Tensor], steps:
     except BaseException:
         # a cancelled or failed run leaves no half-trained adapter behind
         with torch.no_grad():
-            for p, p0 in zip(params, start):
-                p.copy_(p0)
+            for p, p0 in zip(params, start if restore else ()):
+                p.zero_() if p0 is None else p.copy_(p0)
         raise
     return losses

@@ -44,6 +44,15 @@ def sample_timesteps(n: int, t_lo: int, t_hi: int, generator: torch.Generator | 
     return torch.randint(t_lo, t_hi + 1, (n,), generator=generator)
 
 
+def noise_at_random_t(model, z0: Tensor, t_lo: int, t_hi: int, generator: torch.Generator | None = None
+                      ) -> tuple[Tensor, Tensor, Tensor]:
+    """``(t, noise, z_t)``: ``t ~ U{t_lo..t_hi}`` per sample, then ``noise`` and ``z_t = q_sample(z0, t, noise)``,
+    both drawn from ``generator`` in that order."""
+    t = sample_timesteps(z0.shape[0], t_lo, t_hi, generator).to(z0.device)
+    noise = randn_like(z0, generator)
+    return t, noise, q_sample(model, z0, t, noise)
+
+
 def timestep_from_fraction(num_timesteps: int, fraction: float) -> int:
     """Integer timestep for a fraction of the schedule (0.1 -> 100 of 1000), kept in ``[1, T - 1]``."""
     return max(1, min(num_timesteps - 1, round(fraction * num_timesteps)))

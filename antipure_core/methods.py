@@ -15,8 +15,9 @@ window).
 
 Every method is registered in this module, so importing it alone lists them
 all (:data:`METHODS`, in the order the node shows them). Callers read a
-method's flags (:class:`Method`: ``trains``, ``encoder``, ``guided``), not its
-name.
+method's flags (:class:`Method`: ``trains``, ``encoder``, ``guided``,
+``purifies``), not its name. A method may also register a ``setup(ctx)`` that
+checks its options once, when the attack context is built.
 """
 from __future__ import annotations
 
@@ -26,14 +27,13 @@ from typing import Any, Callable, Iterator, Optional
 import torch
 from torch import Tensor
 
-from .diffusion import abar_at, predict_x0, q_sample, randn_like, sample_timesteps
+from .diffusion import abar_at, noise_at_random_t, predict_x0, q_sample, randn_like
 from .frequency import FrequencyGuidance, pfg_loss
 from .model import check_features
 from .patterns import target_pattern
+from .purified_attack import check_purified, purified_parts
 from .timestep import TimestepGuidance, erroneous_timestep, etg_loss
-from .windows import grid_windows
-
-WINDOW_MODES = ("all", "random")
+from .windows import WINDOW_MODES, grid_windows, pick_windows  # noqa: F401 (WINDOW_MODES: re-exported)
 
 
 @dataclass
@@ -90,20 +90,26 @@ class Method:
     #: uses PFG/ETG guidance, draws t ~ U{1..t^p} (``t_purify``) instead of ``t_range``, and attacks the
     #: purifier's windows
     guided: bool = False
+    #: attacks the customization model through the attacker's purifiers: takes ``options['purification']`` and,
+    #: for pixel purifiers, ``options['pixel_model']`` (:mod:`.purified_attack`)
+    purifies: bool = False
+    #: ``setup(ctx)``: checks ``ctx.options`` (and may fill defaults) once, when the context is built
+    setup: Optional[Callable[[AttackContext], None]] = None
 
 
 METHODS: dict[str, Method] = {}
 
 
 def register_method(name: str, description: str, parts=None, trains: bool = False, encoder: bool = False,
-                    guided: bool = False):
+                    guided: bool = False, purifies: bool = False, setup=None):
     """Decorator registering ``loss`` (and optionally its ``parts``) under ``name``; a new attack is one function.
 
-    ``trains``, ``encoder``, ``guided``: the :class:`Method` flags. Registration order is the order the
-    node lists the methods in.
+    ``trains``, ``encoder``, ``guided``, ``purifies``: the :class:`Method` flags; ``setup``: its option check.
+    Registration order is the order the node lists the methods in.
     """
     def wrap(fn):
-        METHODS[name] = Method(name, fn, description, parts, trains=trains, encoder=encoder, guided=guided)
+        METHODS[name] = Method(name, fn, description, parts, trains=trains, encoder=encoder, guided=guided,
+                               purifies=purifies, setup=setup)
         return fn
     return wrap
 
@@ -135,9 +141,7 @@ def _mse(a: Tensor, b: Tensor) -> Tensor:
 
 
 def _noisy(ctx: AttackContext, z: Tensor, t_lo: int, t_hi: int):
-    t = sample_timesteps(z.shape[0], t_lo, t_hi, ctx.generator).to(z.device)
-    noise = randn_like(z, ctx.generator)
-    return t, noise, q_sample(ctx.model, z, t, noise)
+    return noise_at_random_t(ctx.model, z, t_lo, t_hi, ctx.generator)
 
 
 def _target_latent(ctx: AttackContext, kind: str) -> Tensor:
@@ -203,9 +207,7 @@ def attack_tiles(ctx: AttackContext, z: Tensor) -> list[Tensor]:
         return [z]
     stride = ctx.stride or ctx.window // 2
     tiles = grid_windows(tuple(z.shape[-2:]), ctx.window // f, max(1, stride // f)).crops(z)
-    if ctx.window_mode == "random":
-        return [tiles[int(torch.randint(len(tiles), (1,), generator=ctx.generator))]]
-    return tiles
+    return [tiles[j] for j in pick_windows(len(tiles), ctx.window_mode, ctx.generator)]
 
 
 def antipure_parts(ctx: AttackContext, x_adv: Tensor, z: Tensor) -> Iterator[dict]:
@@ -244,6 +246,18 @@ def sds_loss(ctx: AttackContext, x_adv: Tensor, z: Tensor) -> dict:
     # d/dz of (sg(r)·z) is the SDS gradient r; maximising its negative descends it
     surrogate = (residual * z.float()).flatten(1).sum(1) / residual[0].numel()
     return {"objective": -surrogate, "sds": surrogate, "ldm": residual.square().flatten(1).mean(1)}
+
+
+def purified_advdm_parts(ctx: AttackContext, x_adv: Tensor, z: Tensor) -> Iterator[dict]:
+    """AdvDM's loss on ``x'`` and on a drawn purifier's output of it (:func:`.purified_attack.purified_parts`)."""
+    return purified_parts(ctx, x_adv, z, advdm_loss)
+
+
+@register_method("purified_advdm", "AdvDM's L_ldm on the attacker's purified image and on x' itself, gradients "
+                                   "through the purifier (expectation over purifiers and their noise)",
+                 parts=purified_advdm_parts, purifies=True, setup=check_purified)
+def purified_advdm_loss(ctx: AttackContext, x_adv: Tensor, z: Tensor) -> dict:
+    return _sum_parts(purified_advdm_parts(ctx, x_adv, z))
 
 
 METHODS["random"] = Method("random", None, "Uniform noise U[-η, η] at the same budget (no optimisation)")
@@ -296,3 +310,8 @@ def simac_loss(ctx: AttackContext, x_adv: Tensor, z: Tensor) -> dict:
     feature = torch.stack([_mse(f, r) for f, r in zip(feats, ref)]).mean(0)
     ldm = _mse(eps, noise)
     return {"objective": ldm + w * feature, "ldm": ldm, "feature": feature}
+
+
+register_method("purified_aspl", "ASPL's surrogate loop with purified_advdm's loss: PGD through the attacker's "
+                "purifiers against a surrogate re-trained every outer iteration", parts=purified_advdm_parts,
+                trains=True, purifies=True, setup=check_purified)(purified_advdm_loss)

@@ -116,12 +116,16 @@ def attack_context(model, x: Tensor, cond: Any, generator: torch.Generator, meth
                    window_mode: str = "all") -> AttackContext:
     """The :class:`~.methods.AttackContext` of ``method`` on the padded clean images ``x`` ``(B, 3, H, W)``.
 
-    Checks the timestep range (:func:`timestep_range`) and the window settings; draws nothing from ``generator``.
+    Checks the timestep range (:func:`timestep_range`), the window settings and the method's own options
+    (its ``setup``); draws nothing from ``generator``.
     """
     t_lo, t_hi = timestep_range(method, model.num_timesteps, t_range, t_purify)
     check_windows(window, stride, window_mode)
-    return AttackContext(model, x, cond, generator, t_lo, t_hi, frequency, timestep, dict(options or {}),
-                         window=window, stride=stride, window_mode=window_mode)
+    ctx = AttackContext(model, x, cond, generator, t_lo, t_hi, frequency, timestep, dict(options or {}),
+                        window=window, stride=stride, window_mode=window_mode)
+    if method.setup is not None:
+        method.setup(ctx)
+    return ctx
 
 
 # --- start ------------------------------------------------------------------------------------------------------

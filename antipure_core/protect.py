@@ -37,7 +37,8 @@ def protect(model, x: Tensor, cond: Any, method: str = "antipure", eta: float = 
 
     Args:
         model: a :class:`~antipure_core.model.DiffusionModel`: the purifier to attack (a pixel
-            model, ``downsample = 1``, or a latent model through its VAE).
+            model, ``downsample = 1``, or a latent model through its VAE); for a method with the
+            ``purifies`` flag (purified_advdm), the customization model, the purifiers in ``options``.
         x: clean images ``(B, 3, H, W)`` in [0, 1]; any H, W (padded to the
             model's multiple internally, cropped back).
         cond: conditioning for the noise predictor (e.g. "a photo of sks person").
@@ -60,7 +61,9 @@ def protect(model, x: Tensor, cond: Any, method: str = "antipure", eta: float = 
             step, or one ``'random'`` window per step (our default: ``'all'``). ``None``:
             the whole image at once.
         options: method-specific settings, e.g. ``{"textural_weight": 1.0,
-            "target": "texture"}`` for mist, ``{"target": "gray"}`` for photoguard.
+            "target": "texture"}`` for mist, ``{"target": "gray"}`` for photoguard,
+            ``{"purification": PurifiedSettings(...), "pixel_model": adm}`` for purified_advdm
+            (:mod:`~antipure_core.purified_attack`).
         quantize: round to 8-bit levels while keeping ``|q - x|_inf <= eta`` exactly.
         callback: called after every step with ``i``, ``total``, ``x_adv`` and the
             mean of every loss term; raising from it cancels with no output.

@@ -74,13 +74,18 @@ def ddim_denoise(model, z_t: Tensor, t_start: int, cond: Any, steps: int = 20, c
     """
     check_int(steps, "steps", 1)
     ts = ddim_timesteps(int(t_start), steps)
-    z, b = z_t, z_t.shape[0]
+    z = z_t
     for i, (t, t_prev) in enumerate(zip(ts[:-1], ts[1:])):
-        tt = torch.full((b,), t, dtype=torch.long, device=z.device)
-        tp = torch.full((b,), t_prev, dtype=torch.long, device=z.device)
-        z = ddim_step(model, z, tt, tp, model.predict_noise(z, tt, cond).to(z.dtype))
+        z = ddim_update(model, z, t, t_prev, cond)
         report(callback, i=i, total=len(ts) - 1, t=t, t_prev=t_prev, z=z)
     return z
+
+
+def ddim_update(model, z: Tensor, t: int, t_prev: int, cond: Any) -> Tensor:
+    """One step of :func:`ddim_denoise`: one noise prediction at integer ``t``, the DDIM update to ``t_prev``."""
+    tt = torch.full((z.shape[0],), t, dtype=torch.long, device=z.device)
+    tp = torch.full((z.shape[0],), t_prev, dtype=torch.long, device=z.device)
+    return ddim_step(model, z, tt, tp, model.predict_noise(z, tt, cond).to(z.dtype))
 
 
 def diffpure(model, x: Tensor, cond: Any, t_star: float = 0.1, steps: int = 20,

@@ -90,10 +90,16 @@ def gaussian_blur(x: Tensor, sigma: float = 1.0) -> Tensor:
     """
     check_image(x, "image")
     check_number(sigma, "sigma", lo=0, hint="(pixels)")
+    return blur(x, sigma).clamp(0, 1)
+
+
+def blur(x: Tensor, sigma: float) -> Tensor:
+    """:func:`gaussian_blur` on trusted inputs and not clamped (so it also smooths gradients); any ``(B, C, H, W)``,
+    differentiable, no device synchronisation."""
     if sigma == 0:
         return x.clone()
     k = 2 * math.ceil(3 * sigma) + 1
-    return kornia.filters.gaussian_blur2d(x, (k, k), (float(sigma), float(sigma)), border_type="replicate").clamp(0, 1)
+    return kornia.filters.gaussian_blur2d(x, (k, k), (float(sigma), float(sigma)), border_type="replicate")
 
 
 def resize_down_up(x: Tensor, scale: float = 0.5) -> Tensor:
@@ -103,9 +109,18 @@ def resize_down_up(x: Tensor, scale: float = 0.5) -> Tensor:
     """
     check_image(x, "image")
     check_number(scale, "scale", lo=0, hi=1, lo_open=True, hint="(fraction of the input size)")
+    return down_up(x, scale)
+
+
+def scaled_size(size: tuple[int, int], scale: float) -> tuple[int, int]:
+    """``size = (H, W)`` times ``scale``, at least 1 px a side."""
+    return max(1, round(size[0] * scale)), max(1, round(size[1] * scale))
+
+
+def down_up(x: Tensor, scale: float) -> Tensor:
+    """:func:`resize_down_up` on trusted inputs (differentiable, no device synchronisation)."""
     size = tuple(x.shape[-2:])
-    small = (max(1, round(size[0] * scale)), max(1, round(size[1] * scale)))
-    return resample(resample(x, small), size)
+    return resample(resample(x, scaled_size(size, scale)), size)
 
 
 def gaussian_noise(x: Tensor, sigma: float = 0.05, generator: Optional[torch.Generator] = None) -> Tensor:
@@ -144,8 +159,7 @@ def noisy_upscale(x: Tensor, sigma: float = 0.1, scale: float = 0.5, upscale: Op
     if upscale is not None and not callable(upscale):
         raise ValueError(f"upscale: expected a callable upscale(image, size) or None, got {type(upscale).__name__}")
     size = tuple(x.shape[-2:])
-    small = (max(1, round(size[0] * scale)), max(1, round(size[1] * scale)))
-    low = resample(gaussian_noise(x, sigma, generator), small)
+    low = resample(gaussian_noise(x, sigma, generator), scaled_size(size, scale))
     up = resample(low, size) if upscale is None else upscale(low, size)
     if not isinstance(up, Tensor) or up.ndim != 4 or up.shape[:2] != x.shape[:2]:
         got = tuple(up.shape) if isinstance(up, Tensor) else type(up).__name__

@@ -93,18 +93,26 @@ def ddpm_denoise(model, x_t: Tensor, t_start: int, generator: Optional[torch.Gen
     Returns:
         ``x_0`` ``(B, 3, H, W)`` in [-1, 1] space.
     """
-    x, b = x_t, x_t.shape[0]
+    x = x_t
     for i, t in enumerate(range(int(t_start), -1, -1)):
-        tt = torch.full((b,), t, dtype=torch.long, device=x.device)
-        eps, log_var = model.predict_noise_and_log_variance(x, tt)
-        x0 = predict_x0(model, x, tt, eps.float())
-        if clip_denoised:
-            x0 = x0.clamp(-1, 1)
-        x = model.posterior_mean(x0, x, tt)
-        if t > 0:
-            x = x + (0.5 * log_var).exp() * randn_like(x, generator)
+        x = ddpm_step(model, x, t, randn_like(x, generator) if t > 0 else None, clip_denoised)
         report(callback, i=i, total=t_start + 1, t=t)
     return x
+
+
+def ddpm_step(model, x: Tensor, t: int, noise: Optional[Tensor], clip_denoised: bool = True) -> Tensor:
+    """One ancestral step of :func:`ddpm_denoise` from timestep index ``t``: the posterior mean at the (clipped)
+    x̂₀, plus ``exp(log_var / 2) * noise`` (``noise = None`` at ``t = 0``).
+
+    The noise is an argument, not drawn here, so a checkpointed step recomputes exactly the same value.
+    """
+    tt = torch.full((x.shape[0],), t, dtype=torch.long, device=x.device)
+    eps, log_var = model.predict_noise_and_log_variance(x, tt)
+    x0 = predict_x0(model, x, tt, eps.float())
+    if clip_denoised:
+        x0 = x0.clamp(-1, 1)
+    x = model.posterior_mean(x0, x, tt)
+    return x if noise is None else x + (0.5 * log_var).exp() * noise
 
 
 def pixel_diffpure(model, x: Tensor, t_star: int = 100, size: Optional[int] = None,

@@ -46,6 +46,7 @@ from .callbacks import Callback, report
 from .customize import (PREDICTIONS, Images, Prior, _check_params, _check_prior, as_image_batch, customize,
                         encode_images)
 from .image import crop_to, pad_to_multiple
+from .methods import METHODS
 from .model import check_features
 from .pgd import attack_context, attack_finish, check_attack, pad_multiple, pgd_step, start_point
 from .purify import ddim_denoise
@@ -183,9 +184,9 @@ def protect_surrogate(model, x: Tensor, cond: Any, params: Iterable[Tensor], met
                       eta: float = ASPL_ETA, alpha: float = ASPL_ALPHA, steps: int = 300, seed: int = 0,
                       settings: SurrogateSettings = SurrogateSettings(), train_images: Optional[Images] = None,
                       prior: Optional[Prior] = None, random_start: bool = False, eot_samples: int = 1,
-                      t_range: Optional[tuple[int, int]] = None, quantize: bool = True, restore: bool = True,
-                      callback: Callback = None) -> Tensor:
-    """Protect images with ASPL, FSMG or SimAC: PGD interleaved with fine-tuning of ``params``.
+                      t_range: Optional[tuple[int, int]] = None, options: Optional[dict] = None,
+                      quantize: bool = True, restore: bool = True, callback: Callback = None) -> Tensor:
+    """Protect images with ASPL, FSMG, SimAC or purified ASPL: PGD interleaved with fine-tuning of ``params``.
 
     Args:
         model: a :class:`~antipure_core.model.DiffusionModel` whose ``predict_noise`` depends on ``params``
@@ -195,7 +196,7 @@ def protect_surrogate(model, x: Tensor, cond: Any, params: Iterable[Tensor], met
         params: the model's trainable part, float leaf tensors (LoRA adapters, or all UNet weights). They
             are the working copy: trained in place, and put back to their entry values on return when
             ``restore`` (also after an error or a cancel).
-        method: ``'aspl'``, ``'fsmg'`` or ``'simac'``.
+        method: a method with the ``trains`` flag: ``'aspl'``, ``'fsmg'``, ``'simac'`` or ``'purified_aspl'``.
         eta, alpha: L∞ budget and PGD step, pixel scale (Anti-DreamBooth: :data:`ASPL_ETA`, :data:`ASPL_ALPHA`).
         steps: PGD steps in total (ASPL/SimAC: ``ceil(steps / attack_steps)`` outer iterations;
             Anti-DreamBooth 300 = 50 x 6; FSMG 100). 0 returns a copy of ``x``.
@@ -206,6 +207,8 @@ def protect_surrogate(model, x: Tensor, cond: Any, params: Iterable[Tensor], met
             with only the photos to protect (Anti-DreamBooth uses a disjoint set A of the same person).
         prior: DreamBooth prior preservation (class images or latents and the class conditioning).
         random_start, eot_samples, t_range, quantize: as in :func:`antipure_core.protect.protect`.
+        options: method-specific settings, as in :func:`antipure_core.protect.protect` (``purified_aspl``:
+            ``purification``, ``pixel_model``, ``sdedit_cond``, see :mod:`antipure_core.purified_attack`).
         restore: put ``params`` back afterwards; a caller that discards them may save the copy.
         callback: called after every inner step with ``i``, ``total``, ``phase`` (``'search'``,
             ``'surrogate'``, ``'attack'``, ``'model'``, ``'fine-tune'``), ``iteration``, the step's losses and,
@@ -218,7 +221,7 @@ def protect_surrogate(model, x: Tensor, cond: Any, params: Iterable[Tensor], met
     m = check_attack(model, x, method, eta, alpha, steps, eot_samples)
     if not m.trains:
         raise ValueError(f"method: {method!r} trains no surrogate; use antipure_core.protect.protect "
-                         "(surrogate methods: aspl, fsmg, simac)")
+                         f"(surrogate methods: {', '.join(n for n, x in METHODS.items() if x.trains)})")
     if not isinstance(settings, SurrogateSettings):
         raise TypeError(f"settings: expected SurrogateSettings, got {type(settings).__name__}")
     settings.check()
@@ -234,7 +237,7 @@ def protect_surrogate(model, x: Tensor, cond: Any, params: Iterable[Tensor], met
     x0 = x.detach().to(model.device, torch.float32)
     # padded now, started after SimAC's search: the search draws from the same generator first
     xp, size = pad_to_multiple(x0, pad_multiple(model))
-    options = {"feature_weight": settings.feature_weight}
+    options = {**(options or {}), "feature_weight": settings.feature_weight}
     ctx = attack_context(model, xp, cond, generator, m, t_range, options=options)
     phases = plan(method, steps, settings)
     search_total = _search_steps(method, xp.shape[0], settings)

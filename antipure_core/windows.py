@@ -27,6 +27,8 @@ from torch import Tensor
 
 #: ``(top, left, height, width)`` in pixels
 Box = tuple[int, int, int, int]
+#: which windows an attack sees per step: every one, or one drawn at random
+WINDOW_MODES = ("all", "random")
 
 
 def window_starts(n: int, window: int, stride: int) -> list[int]:
@@ -94,6 +96,18 @@ class Windows:
             tiles.append(torch.cat([torch.cat(q[:2], -1), torch.cat(q[2:], -1)], -2))
         return tiles
 
+    def paste(self, x: Tensor, j: int, tile: Tensor) -> Tensor:
+        """``x (B, C, H, W)`` with window ``j`` (an index into :meth:`crops`) replaced by ``tile``, out of place
+        (differentiable in both)."""
+        out = x.clone()
+        if j < len(self.boxes):
+            y, l, h, w = self.boxes[j]
+            out[..., y:y + h, l:l + w] = tile
+            return out
+        for (y, l, h, w), (py, px) in zip(self.corners, self.packed_offsets()):
+            out[..., y:y + h, l:l + w] = tile[..., py:py + h, px:px + w]
+        return out
+
     def merge(self, tiles: list[Tensor]) -> Tensor:
         """Put ``tiles`` (as from :meth:`crops`) back into an image ``(B, C, H, W)``, averaging overlaps."""
         if len(tiles) != self.count:
@@ -108,6 +122,14 @@ class Windows:
             acc[..., y:y + h, l:l + w] += tiles[-1][..., py:py + h, px:px + w]
             cnt[..., y:y + h, l:l + w] += 1
         return acc / cnt
+
+
+def pick_windows(count: int, mode: str, generator: torch.Generator) -> list[int]:
+    """Indices of the windows an attack sees this step: all ``count`` (``mode = 'all'``), or one drawn from
+    ``generator`` (``'random'``)."""
+    if mode == "random":
+        return [int(torch.randint(count, (1,), generator=generator))]
+    return list(range(count))
 
 
 def grid_windows(size: tuple[int, int], window: int, stride: int, pack_corners: bool = True) -> Windows:

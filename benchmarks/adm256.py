@@ -9,6 +9,7 @@ loaded through the same path as a real checkpoint (``adm_from_state_dict``).
 """
 from __future__ import annotations
 
+import dataclasses
 import importlib
 import json
 from pathlib import Path
@@ -19,23 +20,29 @@ ROOT = Path(__file__).resolve().parents[1]
 KEYS = ROOT / "tests" / "core" / "fixtures" / "adm_256x256_uncond_keys.json"
 
 
-def build_adm256(pack, dtype: torch.dtype, device: torch.device, seed: int = 0):
-    """A :class:`PixelDiffusion` with the ADM-256's exact architecture and random weights in ``dtype`` on ``device``."""
+def build_adm256(pack, dtype: torch.dtype, device: torch.device, seed: int = 0, small: bool = False):
+    """A :class:`PixelDiffusion` with the ADM-256's exact architecture and random weights in ``dtype`` on ``device``.
+
+    ``small``: one residual block per level instead of two (every other feature as released), for quick smoke
+    runs of a benchmark; not the released architecture, so timings from it are not the ADM-256's.
+    """
     adm = importlib.import_module(f"{pack.__name__}.antipure_core.adm")
     pixel = importlib.import_module(f"{pack.__name__}.antipure_core.pixel_diffusion")
     # the pack's random-weight filler (norms 1/0, weights N(0, 1/fan_in) tiled from one pool)
     from antipure.random_checkpoint import _Noise, _random_state
     shapes = json.loads(KEYS.read_text())
     cfg = adm.infer_config({k: torch.empty(s, device="meta") for k, s in shapes.items()}, name=KEYS.name)
+    if small:
+        cfg = dataclasses.replace(cfg, num_res_blocks=1)
     with torch.device("meta"):
         unet = adm.ADMUNet(cfg)
     built = {k: list(v.shape) for k, v in unet.state_dict().items()}
-    if built != shapes:
+    if not small and built != shapes:
         diff = sorted(set(built) ^ set(shapes)) or [k for k in built if built[k] != shapes[k]]
         raise RuntimeError(f"the ADM built from {KEYS.name} differs from it: {diff[:5]}")
     sd = {k: v.to(dtype) for k, v in _random_state(unet, _Noise(seed)).items()}
     del unet
-    model = pixel.PixelDiffusion(adm.adm_from_state_dict(sd, name="random ADM-256"))
+    model = pixel.PixelDiffusion(adm.adm_from_state_dict(sd, name="random ADM-256" + " (small)" * small))
     return model.eval().requires_grad_(False).to(device)
 
 

@@ -136,8 +136,9 @@ def boot_host(a):
 
 # --- a full-size random-weight SD1.5 through the host's loader ---------------------------------
 
-def load_sd15(dtype: torch.dtype, seed: int = 0):
-    """(MODEL, VAE) as the host's checkpoint loader returns them for SD1.5 with random weights in ``dtype``."""
+def load_sd15(dtype: torch.dtype, seed: int = 0, layout: dict = SD15_LAYOUT):
+    """(MODEL, VAE) as the host's checkpoint loader returns them for SD1.5 with random weights in ``dtype``
+    (``layout``: the UNet's depth, :data:`SD15_LAYOUT` for the released one)."""
     import comfy.model_management as mm
     import comfy.ops
     import comfy.sd
@@ -146,7 +147,7 @@ def load_sd15(dtype: torch.dtype, seed: int = 0):
     # the pack's random-weight filler (norms 1/0, weights N(0, 1/fan_in) tiled from one pool)
     from antipure.random_checkpoint import _Noise, _random_state, _vae_state
     with torch.device("meta"):
-        unet = UNetModel(**SD15.unet_config, **SD15.unet_extra_config, **SD15_LAYOUT,
+        unet = UNetModel(**SD15.unet_config, **SD15.unet_extra_config, **layout,
                          operations=comfy.ops.disable_weight_init)
     sd = {f"model.diffusion_model.{k}": v for k, v in _random_state(unet, _Noise(seed)).items()}
     sd.update({f"first_stage_model.{k}": v for k, v in _vae_state(seed).items()})
@@ -386,12 +387,16 @@ def main_adm(a, pack, device: torch.device) -> None:
                                                  window=a.window, window_mode=a.window_mode), device)
 
 
-def main(argv=None):
-    a = parse_args(argv)
+def start(a) -> tuple:
+    """Apply ``--threads`` and boot the host with the pack: ``(pack, torch device)``."""
     if a.threads:
         torch.set_num_threads(a.threads)
-    pack = boot_host(a)
-    device = torch.device(a.device)
+    return boot_host(a), torch.device(a.device)
+
+
+def main(argv=None):
+    a = parse_args(argv)
+    pack, device = start(a)
     if a.purifier == "adm":
         return main_adm(a, pack, device)
     bridge = importlib.import_module(f"{pack.__name__}.antipure_comfy.bridge")

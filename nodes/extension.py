@@ -7,6 +7,7 @@ from .evaluate import AntiPureEvaluate
 from .guidance import AntiPureFrequencyGuidance, AntiPureTimestepGuidance
 from .pixel_diffusion import AntiPureLoadPixelDiffusion
 from .protect import AntiPureProtect
+from .purified import AntiPurePurifiedSettings
 from .purify import PURIFY_NODES
 from .purify_legacy import AntiPurePurify
 from .surrogate import AntiPureSurrogateSettings
@@ -15,4 +16,5 @@ from .surrogate import AntiPureSurrogateSettings
 class AntiPureExtension(ComfyExtension):
     async def get_node_list(self) -> list[type[io.ComfyNode]]:
         return [AntiPureProtect, AntiPureFrequencyGuidance, AntiPureTimestepGuidance, AntiPureSurrogateSettings,
-                AntiPureLoadPixelDiffusion, *PURIFY_NODES, AntiPureCustomize, AntiPureEvaluate, AntiPurePurify]
+                AntiPurePurifiedSettings, AntiPureLoadPixelDiffusion, *PURIFY_NODES, AntiPureCustomize,
+                AntiPureEvaluate, AntiPurePurify]

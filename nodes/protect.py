@@ -2,7 +2,7 @@
 from __future__ import annotations
 
 from ..antipure_comfy.comfy_host import io
-from ..antipure_comfy.io_types import ETG, PFG, PIXEL_DIFFUSION, SURROGATE
+from ..antipure_comfy.io_types import ETG, PFG, PIXEL_DIFFUSION, PURIFIED, SURROGATE
 from ..antipure_comfy.progress import node_id
 from ..antipure_comfy.protect import protect_images
 from ..antipure_core.methods import METHODS
@@ -19,7 +19,9 @@ class AntiPureProtect(io.ComfyNode):
             description="Add an invisible, L∞-bounded protective perturbation that disrupts fine-tuning on the "
                         "images, built to survive diffusion-based purification (AntiPure: it attacks the "
                         "purifier's own denoiser) — or a baseline method. The purifier is the pixel diffusion "
-                        "model when one is connected (the paper's setting), else the MODEL + VAE.",
+                        "model when one is connected (the paper's setting), else the MODEL + VAE. purified_advdm / "
+                        "purified_aspl attack the MODEL + VAE through the attacker's purifiers, the pixel "
+                        "purifier among them.",
             inputs=[
                 io.Image.Input("image", tooltip="Images to protect. Any size; the output keeps it exactly."),
                 io.Model.Input("model", optional=True,
@@ -34,7 +36,9 @@ class AntiPureProtect(io.ComfyNode):
                                tooltip="antipure (L_ddpm + PFG + ETG, from the guidance inputs), or a baseline: "
                                        "advdm, mist, photoguard (encoder attack), sds (SDS−), random (uniform "
                                        "noise), aspl / fsmg (Anti-DreamBooth), simac (these three fine-tune a "
-                                       "surrogate of the MODEL: surrogate_settings)."),
+                                       "surrogate of the MODEL: surrogate_settings); purified_advdm / purified_aspl: "
+                                       "AdvDM / ASPL on the MODEL + VAE through the attacker's purifiers "
+                                       "(purified_settings; GrIDPure and DiffPure on the pixel purifier)."),
                 io.Float.Input("eta", default=8.0, min=0.5, max=255.0, step=0.5,  # eta 0 is no budget
                                tooltip="L∞ budget η in /255 units (8 = 8/255). Every pixel stays within η."),
                 io.Int.Input("steps", default=100, min=0, max=10000,
@@ -59,7 +63,8 @@ class AntiPureProtect(io.ComfyNode):
                             tooltip="A pixel-space diffusion model (AntiPure Load Pixel Diffusion, e.g. the "
                                     "guided-diffusion ADM that GrIDPure uses) to attack, white-box as in the paper. "
                                     "Connected, it is the purifier and model/vae/positive are not used; empty: the "
-                                    "MODEL + VAE are the purifier."),
+                                    "MODEL + VAE are the purifier. purified_advdm / purified_aspl: the model their "
+                                    "GrIDPure and DiffPure run on, while MODEL + VAE + positive are attacked."),
                 io.Int.Input("t_purify", default=DEFAULT_T_PURIFY, min=1, max=999, optional=True,
                              tooltip="t^p for antipure: the purifier's t* in steps of 1000; t ~ U{1..t^p}. "
                                      "10 = GrIDPure's preset; use the t* your purifier runs with."),
@@ -75,6 +80,10 @@ class AntiPureProtect(io.ComfyNode):
                                         "Disconnected = Anti-DreamBooth's loop with LoRA surrogates. For these "
                                         "methods steps counts all PGD steps (Anti-DreamBooth: 300 = 50 x 6; its "
                                         "eta 6.4, alpha 0.64; SimAC's eta 8)."),
+                PURIFIED.Input("purified_settings", optional=True,
+                               tooltip="Route, windows and the purifier set for purified_advdm and purified_aspl "
+                                       "(AntiPure Purified-Attack Settings). Disconnected = full chain through one "
+                                       "random GrIDPure window on the pixel purifier, weight 0.5."),
             ],
             outputs=[io.Image.Output(display_name="protected"),
                      io.Image.Output(display_name="delta", tooltip="δ amplified to full contrast, gray = 0.")],
@@ -85,8 +94,8 @@ class AntiPureProtect(io.ComfyNode):
     def execute(cls, image, model=None, vae=None, positive=None, method="antipure", eta=8.0, steps=100, alpha=1.0,
                 seed=0, random_start=False, eot_samples=1, gradient_checkpointing=False, frequency_guidance=None,
                 timestep_guidance=None, purifier=None, t_purify=DEFAULT_T_PURIFY, window=0,
-                window_mode="all", surrogate_settings=None) -> io.NodeOutput:
+                window_mode="all", surrogate_settings=None, purified_settings=None) -> io.NodeOutput:
         return io.NodeOutput(*protect_images(
             image, model, vae, positive, method, eta, steps, alpha, seed, random_start, eot_samples,
             gradient_checkpointing, frequency_guidance, timestep_guidance, purifier, t_purify, window, window_mode,
-            surrogate_settings, node_id=node_id(cls)))
+            surrogate_settings, purified_settings, node_id=node_id(cls)))

@@ -20,6 +20,12 @@ iterations give the ISM-style curve for free, since round 2 continues round
 t* = 100, back); ``sdedit-ldm`` (black-box for AntiPure: SDEdit through the
 customization model's own VAE and UNet, t* = 0.1, a purifier the attack never
 saw).
+
+The pack's own ``purified_advdm`` (AdvDM's loss on the purifier's output, gradients through the purifier) runs
+as ``purified_advdm-<route>`` against the testbed's pixel GrIDPure (its t*, window, stride and γ), and the
+columns it was *not* built against are ``jpeg`` (the pack's JPEG, q 75), ``noisy_upscale`` (the pack's
+model-free noisy upscaling, bicubic), ``gridpure+jpeg`` (JPEG of the GrIDPure output) and ``gridpure-unknown``
+(GrIDPure 2 × 20 on a second pixel purifier trained with another seed, which no method ever attacks).
 """
 from __future__ import annotations
 
@@ -36,7 +42,9 @@ from antipure_core.frequency import FrequencyGuidance
 from antipure_core.lora import add_lora, remove_lora
 from antipure_core.metrics import grid_artifact_score, high_frequency_ratio, psnr
 from antipure_core.protect import protect
+from antipure_core.purified_attack import PurifiedSettings
 from antipure_core.purify import diffpure
+from antipure_core.purify_filters import jpeg, noisy_upscale
 from antipure_core.purify_pixel import pixel_diffpure, pixel_gridpure
 from antipure_core.sampling import sample
 from antipure_core.surrogate import SurrogateSettings, protect_surrogate
@@ -56,8 +64,17 @@ METHODS: dict[str, Optional[tuple[str, dict]]] = {
     "antipure-noPFG": ("purifier", {"method": "antipure", "frequency": None}),
     "antipure-noETG": ("purifier", {"method": "antipure", "timestep": None}),
 }
+#: testbed v2's methods, the default of :attr:`Settings.methods`
+V2_METHODS = tuple(METHODS)
+#: the gradient routes of purified_advdm through the testbed's GrIDPure (:mod:`antipure_core.purify_grad`)
+PURIFIED_ROUTES = ("one_step", "k_step", "full")
+METHODS.update({f"purified_advdm-{r}": ("purified", {"method": "purified_advdm", "route": r})
+                for r in PURIFIED_ROUTES})
 #: the attacker's purifiers; ``gridpure@k`` are the snapshots after k of GrIDPure's 40 iterations
 PURIFIERS = ("none", "gridpure", "diffpure", "sdedit-ldm")
+#: columns no method attacks (but purified_advdm's GrIDPure): the issue-27 transfer test; run with --purifiers
+UNSEEN_PURIFIERS = ("jpeg", "noisy_upscale", "gridpure+jpeg", "gridpure-unknown")
+ALL_PURIFIERS = PURIFIERS + UNSEEN_PURIFIERS
 CURVE = (10, 20, 30, 40)
 
 
@@ -102,8 +119,17 @@ class Settings:
     #: common random numbers: every set of ``num_photos`` images gets the same purifier noise, so photo k of a
     #: protected set and of the clean set differ only by the protection (survival's noise floor is 0)
     common_noise: bool = False
+    #: purified_advdm: k of the k_step route, its windows ('random': one per PGD step; 'all'), w of the purified term
+    purified_k: int = 3
+    purified_windows: str = "random"
+    purified_weight: float = 0.5
+    jpeg_quality: int = 75
+    upscale_sigma: float = 0.1
+    upscale_scale: float = 0.5
+    #: training seed of the ``gridpure-unknown`` column's purifier (the attacked one has seed 0)
+    unknown_purifier_seed: int = 1
     seed: int = 0
-    methods: tuple = tuple(METHODS)
+    methods: tuple = V2_METHODS
     purifiers: tuple = PURIFIERS
 
 
@@ -115,9 +141,23 @@ def alpha(s: Settings) -> float:
 Variant = tuple[str, dict]
 
 
+def purified_settings(route: str, s: Settings) -> PurifiedSettings:
+    """purified_advdm's settings: the testbed's own GrIDPure (t*, window, stride, γ) as the attacked purifier."""
+    return PurifiedSettings(route=route, k=s.purified_k, purifiers={"gridpure": 1.0}, purified_weight=s.purified_weight,
+                            t_star=s.gridpure_t_star, window=s.window, stride=s.stride, gamma=s.gridpure_gamma,
+                            windows=s.purified_windows)
+
+
+def objective_log(log: list) -> Callable:
+    """A :func:`protect` callback that appends each PGD step's ``objective`` (the method's own loss) to ``log``."""
+    return lambda info: log.append(float(info["objective"])) if "objective" in info else None
+
+
 def protect_photos(name: str, ldm, adm, photos: Tensor, set_a: Tensor, cond, s: Settings, seed: int,
-                   variants: Optional[dict[str, Variant]] = None) -> Tensor:
-    """The protected ``photos`` for method ``name`` (the clean photos for ``none``), or for a named variant."""
+                   variants: Optional[dict[str, Variant]] = None, objectives: Optional[list] = None) -> Tensor:
+    """The protected ``photos`` for method ``name`` (the clean photos for ``none``), or for a named variant.
+
+    ``objectives``: for purified_advdm, receives the objective of every PGD step."""
     if variants and name in variants:
         base, overrides = variants[name]
         name, s = base, replace(s, **overrides)
@@ -135,6 +175,10 @@ def protect_photos(name: str, ldm, adm, photos: Tensor, set_a: Tensor, cond, s: 
         finally:
             remove_lora(ldm.unet)
             ldm.requires_grad_(False)
+    if target == "purified":
+        opts = {"purification": purified_settings(kw.pop("route"), s), "pixel_model": adm}
+        return protect(ldm, photos, cond, eta=s.eta, alpha=alpha(s), steps=s.pgd_steps, seed=seed, options=opts,
+                       callback=None if objectives is None else objective_log(objectives), **kw)
     if target == "purifier":
         # a zero weight means the term is off, as in the noPFG / noETG entries
         kw.setdefault("frequency", FrequencyGuidance(weight=s.pfg_weight, patch_size=s.pfg_patch)
@@ -145,20 +189,28 @@ def protect_photos(name: str, ldm, adm, photos: Tensor, set_a: Tensor, cond, s: 
     return protect(ldm, photos, cond, eta=s.eta, alpha=alpha(s), steps=s.pgd_steps, seed=seed, **kw)
 
 
-def purify_all(x: Tensor, ldm, adm, s: Settings, seed: int, log: Callable = print) -> dict[str, Tensor]:
+def _gridpure_2x20(adm, x: Tensor, s: Settings, seed: int) -> Tensor:
+    return pixel_gridpure(adm, x, t_star=s.gridpure_t_star, window=s.window, stride=s.stride,
+                          iterations=s.gridpure_iterations, gamma=s.gridpure_gamma,
+                          generator=torch.Generator().manual_seed(seed))
+
+
+def purify_all(x: Tensor, ldm, adm, s: Settings, seed: int, log: Callable = print,
+               unknown=None) -> dict[str, Tensor]:
     """Every purifier on the batch ``x``; ``gridpure@k`` after k iterations, ``gridpure`` = all of them.
 
-    With ``s.common_noise``, ``x`` is purified in sets of ``s.num_photos`` images, each with the same noise
-    (``seed``): image k of every set sees the same purifier noise.
+    ``unknown``: the second pixel purifier, for the ``gridpure-unknown`` column. With ``s.common_noise``,
+    ``x`` is purified in sets of ``s.num_photos`` images, each with the same noise (``seed``): image k of
+    every set sees the same purifier noise.
     """
     if s.common_noise and x.shape[0] > s.num_photos:
         if x.shape[0] % s.num_photos:
             raise ValueError(f"common_noise: the batch ({x.shape[0]} images) is not made of sets of "
                              f"num_photos = {s.num_photos}")
-        parts = [purify_all(part, ldm, adm, s, seed, log) for part in x.split(s.num_photos)]
+        parts = [purify_all(part, ldm, adm, s, seed, log, unknown) for part in x.split(s.num_photos)]
         return {col: torch.cat([p[col] for p in parts]) for col in parts[0]}
     out = {"none": x}
-    if "gridpure" in s.purifiers:
+    if "gridpure" in s.purifiers or "gridpure+jpeg" in s.purifiers:
         g, y, t0 = torch.Generator().manual_seed(seed), x, time.perf_counter()
         steps = [k for k in CURVE if k < s.gridpure_iterations] + [s.gridpure_iterations]
         done = 0
@@ -174,6 +226,19 @@ def purify_all(x: Tensor, ldm, adm, s: Settings, seed: int, log: Callable = prin
     if "sdedit-ldm" in s.purifiers:
         out["sdedit-ldm"] = diffpure(ldm, x, ldm.tokens("null"), t_star=s.sdedit_t_star, steps=s.sdedit_steps,
                                      generator=torch.Generator().manual_seed(seed + 2))
+    if "jpeg" in s.purifiers:
+        out["jpeg"] = jpeg(x, s.jpeg_quality)
+    if "noisy_upscale" in s.purifiers:
+        out["noisy_upscale"] = noisy_upscale(x, s.upscale_sigma, s.upscale_scale,
+                                             generator=torch.Generator().manual_seed(seed + 3))
+    if "gridpure+jpeg" in s.purifiers:
+        out["gridpure+jpeg"] = jpeg(out["gridpure"], s.jpeg_quality)
+    if "gridpure-unknown" in s.purifiers:
+        if unknown is None:
+            raise ValueError("gridpure-unknown: pass the second purifier as unknown=")
+        t0 = time.perf_counter()
+        out["gridpure-unknown"] = _gridpure_2x20(unknown, x, s, seed + 4)
+        log(f"    gridpure-unknown x{s.gridpure_iterations} on {x.shape[0]} images: {time.perf_counter() - t0:.0f}s")
     return out
 
 
@@ -231,16 +296,30 @@ def job_seed(s: Settings, subject: int) -> int:
     return s.seed + 1000 * subject
 
 
+def objective_summary(steps: list[float], n: int = 5) -> dict[str, float]:
+    """Mean objective over the first and the last ``n`` PGD steps (each step draws its own window, t and noise)."""
+    return {"objective_start": sum(steps[:n]) / len(steps[:n]), "objective_end": sum(steps[-n:]) / len(steps[-n:])}
+
+
 def protect_job(ldm, adm, photos: Tensor, set_a: Tensor, subject: int, s: Settings, log: Callable = print,
-                variants: Optional[dict[str, Variant]] = None) -> tuple[dict[str, Tensor], dict[str, float]]:
-    """Every method of ``s.methods`` on one subject's ``photos``: protected images and seconds, by method."""
+                variants: Optional[dict[str, Variant]] = None, objectives: Optional[dict] = None
+                ) -> tuple[dict[str, Tensor], dict[str, float]]:
+    """Every method of ``s.methods`` on one subject's ``photos``: protected images and seconds, by method.
+
+    ``objectives``: filled with :func:`objective_summary` of each purified method's PGD objective."""
     cond, seed = instance_cond(ldm, subject), job_seed(s, subject)
     protected, seconds = {}, {}
     for name in s.methods:
-        t0 = time.perf_counter()
-        protected[name] = protect_photos(name, ldm, adm, photos, set_a, cond, s, seed, variants)
+        t0, steps = time.perf_counter(), []
+        protected[name] = protect_photos(name, ldm, adm, photos, set_a, cond, s, seed, variants, steps)
         seconds[name] = time.perf_counter() - t0
-        log(f"  {name:15s} protected in {seconds[name]:5.1f}s")
+        extra = ""
+        if steps:
+            summary = objective_summary(steps)
+            extra = f"; objective {summary['objective_start']:.4f} -> {summary['objective_end']:.4f}"
+            if objectives is not None:
+                objectives[name] = summary
+        log(f"  {name:15s} protected in {seconds[name]:5.1f}s{extra}")
     return protected, seconds
 
 
@@ -254,7 +333,7 @@ def columns(s: Settings) -> list[str]:
 
 def score_job(ldm, photos: Tensor, subject: int, s: Settings, protected: dict[str, Tensor],
               purified: dict[str, dict[str, Tensor]], seconds: dict[str, float], log: Callable = print,
-              customize_cells: bool = True) -> tuple[list[dict], dict]:
+              customize_cells: bool = True, objectives: Optional[dict] = None) -> tuple[list[dict], dict]:
     """Scores of every method x column for one subject.
 
     ``purified[column]`` maps ``'clean'`` (the clean photos purified) and every
@@ -272,7 +351,7 @@ def score_job(ldm, photos: Tensor, subject: int, s: Settings, protected: dict[st
             got = purified[col][name]
             row = {"subject": subject, "eta": round(s.eta * 255), "method": name, "purifier": col, "seed": seed,
                    "psnr_protected": float(psnr(protected[name], photos).clamp(max=99).mean()),
-                   "protect_s": round(seconds[name], 1)}
+                   "protect_s": round(seconds[name], 1), **(objectives or {}).get(name, {})}
             row.update(purified_scores(got, purified[col]["clean"], s.grid_patch))
             if customize_cells:
                 samples = reference if (name, col) == ("none", "none") else customize_and_sample(ldm, got, cond, s, seed)
@@ -289,11 +368,13 @@ def score_job(ldm, photos: Tensor, subject: int, s: Settings, protected: dict[st
 
 
 def run_job(ldm, adm, photos: Tensor, set_a: Tensor, subject: int, s: Settings, log: Callable = print,
-            customize_cells: bool = True, variants: Optional[dict[str, Variant]] = None) -> tuple[list[dict], dict]:
+            customize_cells: bool = True, variants: Optional[dict[str, Variant]] = None,
+            unknown=None) -> tuple[list[dict], dict]:
     """Protect, purify (one batch: the clean photos and every protected set) and score, in one process."""
-    protected, seconds = protect_job(ldm, adm, photos, set_a, subject, s, log, variants)
+    objectives = {}
+    protected, seconds = protect_job(ldm, adm, photos, set_a, subject, s, log, variants, objectives)
     names = ["clean", *s.methods]
     batch = torch.cat([photos] + [protected[m] for m in s.methods])
     purified = {col: dict(zip(names, v.split(photos.shape[0])))
-                for col, v in purify_all(batch, ldm, adm, s, job_seed(s, subject), log).items()}
-    return score_job(ldm, photos, subject, s, protected, purified, seconds, log, customize_cells)
+                for col, v in purify_all(batch, ldm, adm, s, job_seed(s, subject), log, unknown).items()}
+    return score_job(ldm, photos, subject, s, protected, purified, seconds, log, customize_cells, objectives)

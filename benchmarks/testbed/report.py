@@ -32,7 +32,8 @@ METRIC_DOC = [
     ("subject_sim", "ISM proxy itself: best cosine similarity of a sample to a subject photo (lower = protected)",
      False),
 ]
-METRICS = [m for m, _, _ in METRIC_DOC] + ["sample_dist", "psnr_protected", "protect_s"]
+METRICS = [m for m, _, _ in METRIC_DOC] + ["sample_dist", "psnr_protected", "protect_s", "objective_start",
+                                           "objective_end"]
 
 
 def aggregate(rows: list[dict]) -> list[dict]:
@@ -47,7 +48,7 @@ def aggregate(rows: list[dict]) -> list[dict]:
         cell = [r for r in rows if (r["eta"], r["method"], r["purifier"]) == (eta, method, pur)]
         agg = {"eta": eta, "method": method, "purifier": pur, "repeats": len(cell)}
         for m in METRICS:
-            if m in cell[0]:
+            if all(m in r for r in cell):
                 v = torch.tensor([r[m] for r in cell], dtype=torch.float64)
                 agg[m] = float(v.mean())
                 agg[m + "_sd"] = float(v.std()) if len(v) > 1 else float("nan")

@@ -24,7 +24,7 @@ from pathlib import Path
 import torch
 
 from .data import SUBJECTS, subject_views
-from .experiment import METHODS, PURIFIERS, Settings, protect_job, purify_all, score_job
+from .experiment import ALL_PURIFIERS, METHODS, Settings, protect_job, purify_all, score_job
 from .purifier import PurifierConfig, build_purifier
 from .report import aggregate, curve_figure, example_figure, write_results
 from .train import CACHE_DIR, MODELS_DIR, TrainConfig, build_model
@@ -41,6 +41,11 @@ def load_models(train: TrainConfig, pur: PurifierConfig, models_dir: Path, verbo
     ldm, ldm_info = build_model(train, cache_dir=models_dir, verbose=verbose)
     adm, adm_info = build_purifier(pur, cache_dir=models_dir, verbose=verbose)
     return ldm, ldm_info, adm, adm_info
+
+
+def unknown_config(pur: PurifierConfig, s: Settings) -> PurifierConfig:
+    """The ``gridpure-unknown`` column's purifier: the attacked one's config with another training seed."""
+    return replace(pur, seed=s.unknown_purifier_seed)
 
 
 def _train_one(which: str, cfg, models_dir: str) -> dict:
@@ -70,26 +75,31 @@ def _protect(args):
     t0 = time.process_time()
     ldm, adm = _worker_models(train, pur, models_dir)
     photos, set_a = _views(subject_idx, s)
-    protected, seconds = protect_job(ldm, adm, photos, set_a, subject_idx, s, _log(subject_idx, s))
-    return protected, seconds, time.process_time() - t0
+    objectives = {}
+    protected, seconds = protect_job(ldm, adm, photos, set_a, subject_idx, s, _log(subject_idx, s),
+                                     objectives=objectives)
+    return protected, seconds, time.process_time() - t0, objectives
 
 
 def _purify(args):
     k, images, s, train, pur, models_dir = args
     t0 = time.process_time()
     ldm, adm = _worker_models(train, pur, models_dir)
+    unknown = (build_purifier(unknown_config(pur, s), cache_dir=models_dir, verbose=False)[0]
+               if "gridpure-unknown" in s.purifiers else None)
     # with common random numbers both batches draw the same noise, so every set's photo k sees the same
     out = purify_all(images, ldm, adm, s, seed=s.seed + 500_000 + (0 if s.common_noise else k),
-                     log=lambda m: print(f"[purify batch {k}] {m.strip()}", flush=True))
+                     log=lambda m: print(f"[purify batch {k}] {m.strip()}", flush=True), unknown=unknown)
     return out, time.process_time() - t0
 
 
 def _score(args):
-    subject_idx, s, train, pur, models_dir, protected, purified, seconds = args
+    subject_idx, s, train, pur, models_dir, protected, purified, seconds, objectives = args
     t0 = time.process_time()
     ldm, _ = _worker_models(train, pur, models_dir)
     photos, _ = _views(subject_idx, s)
-    rows, examples = score_job(ldm, photos, subject_idx, s, protected, purified, seconds, _log(subject_idx, s))
+    rows, examples = score_job(ldm, photos, subject_idx, s, protected, purified, seconds, _log(subject_idx, s),
+                               objectives=objectives)
     return rows, examples, time.process_time() - t0
 
 
@@ -121,8 +131,10 @@ def main(argv=None) -> list[Path]:
     ap.add_argument("--quick", action="store_true", help="tiny version: a few steps, one subject, tiny training")
     ap.add_argument("--eta", type=int, nargs="+", default=[8, 16], help="budgets in 1/255 (default 8 16)")
     ap.add_argument("--subjects", nargs="+", choices=list(SUBJECTS), help="held-out subjects (default: all)")
-    ap.add_argument("--methods", nargs="+", choices=list(METHODS))
-    ap.add_argument("--purifiers", nargs="+", choices=list(PURIFIERS))
+    ap.add_argument("--methods", nargs="+", choices=list(METHODS),
+                    help="methods to run ('none' is always added; default: v2's eleven)")
+    ap.add_argument("--purifiers", nargs="+", choices=list(ALL_PURIFIERS),
+                    help="attacker columns (default: v2's none gridpure diffpure sdedit-ldm)")
     ap.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE",
                     help="override a Settings field, e.g. t_purify=20 pfg_weight=5")
     ap.add_argument("--workers", type=int, default=2, help="parallel jobs, one torch thread each (default 2)")
@@ -150,10 +162,13 @@ def main(argv=None) -> list[Path]:
     ctx = mp.get_context("spawn")
     workers = max(1, min(a.workers, os.cpu_count() or 1))
 
-    # both models train at once, one per core (each is cached, keyed by its config)
+    # both models train at once, one per core (each is cached, keyed by its config); the unknown purifier if asked
+    todo = [("ldm", train, str(models_dir)), ("purifier", pur, str(models_dir))]
+    if "gridpure-unknown" in s.purifiers:
+        todo.append(("purifier", unknown_config(pur, s), str(models_dir)))
     with ctx.Pool(min(workers, 2)) as pool:
-        infos = pool.starmap(_train_one, [("ldm", train, str(models_dir)), ("purifier", pur, str(models_dir))])
-    ldm_info, adm_info = infos
+        infos = pool.starmap(_train_one, todo)
+    ldm_info, adm_info = infos[:2]
     models = (f"TinyLDM (64 px, VAE ×8, VAE PSNR {ldm_info.get('vae_psnr_db', '?')} dB); pixel ADM purifier "
               f"(32 px, one-step x̂₀ at t = 10: {adm_info.get('psnr_at_t10', '?')}); "
               + ("loaded from " + str(models_dir) if ldm_info.get("cached") and adm_info.get("cached")
@@ -167,7 +182,8 @@ def main(argv=None) -> list[Path]:
         print(f"protected in {time.perf_counter() - t_start:.0f} s", flush=True)
         purified, cpu_purify = purify_jobs([p[0] for p in prot], jobs, pool, s, common)
         print(f"purified in {time.perf_counter() - t_start:.0f} s", flush=True)
-        results = pool.map(_score, [(*job, *common, p[0], pur_, p[1]) for job, p, pur_ in zip(jobs, prot, purified)],
+        results = pool.map(_score, [(*job, *common, p[0], pur_, p[1], p[3])
+                                    for job, p, pur_ in zip(jobs, prot, purified)],
                            chunksize=1)
     rows = [r for res in results for r in res[0]]
     cpu = sum(res[2] for res in results) + sum(p[2] for p in prot) + cpu_purify

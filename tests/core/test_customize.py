@@ -242,6 +242,36 @@ def test_customize_prior_preservation_term():
     assert l_lat == l_img  # class latents are what class images encode to
 
 
+def test_customize_trains_a_callable_cond_along():
+    # a text encoder trained with the model: the cond is made anew each micro-batch, with gradient
+    model, cond, params = _lora_toy(0)
+    shift = torch.zeros_like(cond, requires_grad=True)
+    calls = []
+
+    def encode():
+        calls.append(1)
+        return cond + shift
+
+    _train(model, encode, params + [shift], steps=3, grad_accum=2,
+           prior=Prior(cond=encode, images=smooth_image(2, 32, 32, seed=9)))
+    assert len(calls) == 3 * 2 * 2  # steps x micro-batches x (instance, prior)
+    assert shift.abs().sum() > 0
+
+
+def test_customize_uses_the_given_optimizer():
+    model, cond, params = _lora_toy(0)
+    made = []
+
+    def sgd(ps, lr, weight_decay):
+        made.append((lr, weight_decay))
+        return torch.optim.SGD(ps, lr=lr)
+
+    a = _train(model, cond, params, steps=3, optimizer=sgd)
+    model, cond, params = _lora_toy(0)
+    b = _train(model, cond, params, steps=3)
+    assert made == [(1e-2, 1e-2)] and a[0] == b[0] and a[1:] != b[1:]
+
+
 def test_customize_callback_per_step_and_grad_accum():
     model, cond, params = _lora_toy(0)
     log = []
@@ -363,3 +393,17 @@ def test_sample_changes_after_customization_and_bad_input():
         sample(model, cond, (1, 4, 8))
     with pytest.raises(ValueError, match="steps"):
         sample(model, cond, (1, 4, 8, 8), steps=0)
+
+
+def test_customize_cancel_without_restore_keeps_no_copy():
+    """``restore=False`` (a private copy the caller drops): a cancel leaves the params as trained so far."""
+    model, cond, params = _lora_toy(0)
+    start = [p.detach().clone() for p in params]
+
+    def cb(info):
+        if info["i"] == 2:
+            raise Cancelled()
+
+    with pytest.raises(Cancelled):
+        _train(model, cond, params, steps=10, callback=cb, restore=False)
+    assert any(not torch.equal(p, p0) for p, p0 in zip(params, start))

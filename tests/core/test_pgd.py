@@ -21,7 +21,8 @@ from tests.toy import make_toy, smooth_image
 ROOT = Path(__file__).resolve().parents[2]
 CORE = ROOT / "antipure_core"
 #: the node's Combo lists list(METHODS): this order is user-visible
-ORDER = ["advdm", "antipure", "mist", "photoguard", "sds", "random", "aspl", "fsmg", "simac"]
+ORDER = ["advdm", "antipure", "mist", "photoguard", "sds", "purified_advdm", "random", "aspl", "fsmg", "simac",
+         "purified_aspl"]
 EPS8 = 8 / 255
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -114,10 +115,11 @@ def test_cycle_finder_finds_a_cycle():
 def test_flags_mark_exactly_their_methods():
     assert [n for n, m in METHODS.items() if m.encoder] == ["mist", "photoguard"]
     assert [n for n, m in METHODS.items() if m.guided] == ["antipure"]
-    assert [n for n, m in METHODS.items() if m.trains] == ["aspl", "fsmg", "simac"]
+    assert [n for n, m in METHODS.items() if m.trains] == ["aspl", "fsmg", "simac", "purified_aspl"]
+    assert [n for n, m in METHODS.items() if m.purifies] == ["purified_advdm", "purified_aspl"]
 
 
-FLAGGED = {n for n, m in METHODS.items() if m.encoder or m.guided}
+FLAGGED = {n for n, m in METHODS.items() if m.encoder or m.guided or m.purifies}
 
 
 def _name_switches(path: Path) -> list[str]:

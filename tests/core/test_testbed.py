@@ -172,6 +172,11 @@ def test_committed_models_match_the_configs_and_work():
     assert adm_info["cached"] and ldm_info["cached"], "retrain: python -m benchmarks.testbed.run, then commit models/"
     got = denoise_psnr(adm, n=16)
     assert got["denoised_db"] > got["noisy_db"] + 3  # a trained denoiser, not random weights
+    # the gridpure-unknown column's purifier: the same config with another training seed, committed too
+    from benchmarks.testbed.run import unknown_config
+    unknown, info = build_purifier(unknown_config(PurifierConfig(), experiment.Settings()), MODELS_DIR, verbose=False)
+    assert info["cached"] and info["config"]["seed"] == 1
+    assert any(not torch.equal(a, b) for a, b in zip(unknown.unet.parameters(), adm.unet.parameters()))
     x = data.subject_views("coffee", n=2)
     with torch.no_grad():
         recon = ldm.decode(ldm.encode(x))
@@ -245,3 +250,97 @@ def test_lowfreq_error_weighs_a_mean_shift_like_one_pixel():
     noise = torch.randn(64, 3, 32, 32, generator=torch.Generator().manual_seed(0))
     # white noise: each pooled mean has variance 1 / k^2, scaled back to ~1
     assert float(lowfreq_error(noise).mean()) == pytest.approx(1.0, rel=0.1)
+
+
+def test_unseen_columns_jpeg_upscale_gridpure_then_jpeg_and_the_unknown_purifier(ldm, adm):
+    from antipure_core.purify_filters import jpeg
+
+    unknown, _ = train_purifier(PurifierConfig(steps=2, batch=2, crops=4, seed=1), verbose=False)
+    s = _tiny_settings(gridpure_t_star=2, methods=("none",), purifiers=experiment.ALL_PURIFIERS[:2]
+                       + experiment.UNSEEN_PURIFIERS)
+    x = data.subject_views("chelsea", n=2)
+    out = experiment.purify_all(x, ldm, adm, s, seed=3, log=lambda *_: None, unknown=unknown)
+    assert set(s.purifiers) <= set(out)
+    for col in s.purifiers:
+        assert out[col].shape == x.shape and 0 <= float(out[col].min()) and float(out[col].max()) <= 1
+    assert torch.equal(out["gridpure+jpeg"], jpeg(out["gridpure"], 75))  # JPEG after GrIDPure, not a new draw
+    assert torch.equal((out["jpeg"] * 255).round() / 255, out["jpeg"])  # a real 8-bit JPEG round trip
+    assert not torch.allclose(out["gridpure-unknown"], out["gridpure"])  # another purifier's denoising
+    again = experiment.purify_all(x, ldm, adm, s, seed=3, log=lambda *_: None, unknown=unknown)
+    assert all(torch.equal(again[c], out[c]) for c in s.purifiers)  # seeded: noisy upscaling's noise too
+    with pytest.raises(ValueError, match="unknown"):
+        experiment.purify_all(x, ldm, adm, s, seed=3, log=lambda *_: None)
+
+
+def test_purified_advdm_rows_attack_the_testbeds_gridpure_and_log_their_objective(ldm, adm):
+    s = _tiny_settings(gridpure_t_star=3, methods=("none", "purified_advdm-full", "purified_advdm-k_step"),
+                       purifiers=("none", "jpeg"), pgd_steps=3)
+    ps = experiment.purified_settings("k_step", s)
+    assert (ps.route, ps.k, ps.t_star, ps.window, ps.stride, ps.gamma, dict(ps.purifiers)) == \
+        ("k_step", s.purified_k, s.gridpure_t_star, s.window, s.stride, s.gridpure_gamma, {"gridpure": 1.0})
+    assert set(experiment.V2_METHODS).isdisjoint(m for m in experiment.METHODS if m.startswith("purified"))
+    views = data.subject_views("coffee", n=4)
+    rows, _ = experiment.run_job(ldm, adm, views[:2], views[2:], 2, s, log=lambda *_: None)
+    cell = {(r["method"], r["purifier"]): r for r in rows}
+    for m in s.methods[1:]:
+        r = cell[(m, "none")]
+        assert 0 < r["survival"] <= 8 + 1e-3  # within η = 8/255
+        assert math.isfinite(r["objective_start"]) and math.isfinite(r["objective_end"])
+    assert "objective_start" not in cell[("none", "none")]
+    assert experiment.objective_summary([1.0, 2.0, 3.0], n=2) == {"objective_start": 1.5, "objective_end": 2.5}
+
+
+def test_paired_t_interval_known_answer_and_resolution():
+    from benchmarks.testbed import paired
+
+    iv = paired.t_interval([1.0, 2.0, 3.0])  # mean 2, s.d. 1, half-width t(0.975, 2) / sqrt(3) = 2.484
+    assert iv["n"] == 3 and iv["mean"] == pytest.approx(2.0) and iv["sd"] == pytest.approx(1.0)
+    assert iv["hi"] - iv["mean"] == pytest.approx(4.303 / math.sqrt(3), abs=1e-6)
+    assert paired.resolved(iv) == "unresolved"
+    assert paired.resolved(paired.t_interval([1.0, 1.1, 0.9])) == "> 0"
+    assert paired.resolved(paired.t_interval([-1.0, -1.1, -0.9])) == "< 0"
+    assert math.isnan(paired.t_interval([1.0])["lo"])
+    assert paired.t_quantile(12) == 2.228 and paired.t_quantile(100) == 1.96
+
+
+def test_paired_comparisons_pair_by_subject_and_seed(tmp_path):
+    from benchmarks.testbed import paired
+
+    def row(subj, method, pur, gain, drop=0.0):
+        return {"subject": subj, "eta": 16, "method": method, "purifier": pur, "seed": 1000 * subj,
+                "sample_gain": gain, "subject_drop": drop}
+    rows = [row(s, m, p, v) for s, vals in enumerate([(0.02, 0.01, 0.03), (0.03, 0.01, 0.02), (0.04, 0.02, 0.03)])
+            for m, p, v in zip(("purified_advdm-full", "advdm", "purified_advdm-full"),
+                               ("gridpure", "gridpure", "jpeg"), vals)]
+    rows += [row(s, "advdm", "jpeg", 0.0) for s in range(3)]
+    rows = [{k: str(v) for k, v in r.items()} for r in rows]  # as read back from a CSV
+    a = paired.values(rows, 16, "purified_advdm-full", "gridpure", "sample_gain")
+    b = paired.values(rows, 16, "advdm", "gridpure", "sample_gain")
+    iv = paired.paired(a, b)
+    assert list(iv["diffs"]) == [(0, 0), (1, 1000), (2, 2000)]
+    assert [round(v, 6) for v in iv["diffs"].values()] == [0.01, 0.02, 0.02]
+    assert paired.resolved(iv) == "> 0"
+    held = paired.paired(paired.values(rows, 16, "purified_advdm-full", "jpeg", "sample_gain"), a, 0.5)
+    assert [round(v, 6) for v in held["diffs"].values()] == [0.02, 0.005, 0.01]
+    assert paired.best_baseline(rows, 16, "gridpure", "sample_gain", ["advdm"]) == "advdm"
+    text = paired.question_tables(rows, 16, ["purified_advdm-full"], ["advdm"], unseen=("jpeg",))
+    assert "minus advdm (best baseline)" in text and "| purified_advdm-full | jpeg |" in text
+    # joining per-subject runs keeps the first run's `none` rows
+    import csv
+    for name, method in (("a.csv", "none"), ("b.csv", "none")):
+        with (tmp_path / name).open("w", newline="") as f:
+            w = csv.DictWriter(f, fieldnames=["subject", "eta", "method", "purifier", "sample_gain"])
+            w.writeheader()
+            w.writerow({"subject": 0, "eta": 16, "method": method, "purifier": "gridpure", "sample_gain": name})
+    assert [r["sample_gain"] for r in paired.merge([tmp_path / "a.csv", tmp_path / "b.csv"])] == ["a.csv"]
+
+
+def test_purified_check_compares_perturbations_pairwise():
+    from benchmarks.testbed.purified_check import compare
+
+    d = {"a": torch.tensor([0.0, 1.0, 2.0, 3.0]) / 255, "b": torch.tensor([0.0, 1.0, 2.0, 5.0]) / 255}
+    d["c"] = d["a"].clone()
+    got = {(r["a"], r["b"]): r for r in compare(d)}
+    assert set(got) == {("a", "b"), ("a", "c"), ("b", "c")}
+    assert got[("a", "b")]["equal"] == 0.75 and got[("a", "b")]["mean_abs_diff_255"] == pytest.approx(0.5)
+    assert got[("a", "c")]["equal"] == 1.0

@@ -102,7 +102,7 @@ def trained(node, tiny_model, encode_text, loras_dir):
 # --- training and the saved file -----------------------------------------------------------------------------
 
 def test_trains_records_losses_and_progress(trained):
-    mp, saved, loss = trained["out"].args
+    mp, saved, loss = trained["out"].args[:3]
     assert set(loss) == {"loss"} and len(loss["loss"]) == STEPS
     assert all(isinstance(v, float) and math.isfinite(v) and v > 0 for v in loss["loss"])
     assert trained["progress"][-1] == (STEPS, STEPS) and len(trained["progress"]) == STEPS
@@ -112,7 +112,7 @@ def test_trains_records_losses_and_progress(trained):
 
 
 def test_saved_file_uses_host_lora_keys(trained, loras_dir):
-    mp, saved, _ = trained["out"].args
+    mp, saved, _ = trained["out"].args[:3]
     path = loras_dir / saved
     sd = comfy.utils.load_torch_file(str(path), safe_load=True)
     key_map = comfy.lora.model_lora_keys_unet(trained["model"].model, {})
@@ -137,7 +137,7 @@ def test_saved_file_uses_host_lora_keys(trained, loras_dir):
 
 
 def test_saved_lora_reloads_to_the_returned_model(trained):
-    mp, saved, _ = trained["out"].args
+    mp, saved, _ = trained["out"].args[:3]
     positive = trained["positive"]
     with torch.inference_mode():
         reloaded = nodes.LoraLoaderModelOnly().load_lora_model_only(trained["model"], saved, 1.0)[0]
@@ -199,7 +199,7 @@ def test_v_model_trains_on_the_v_loss(node, tiny_model, encode_text, loras_dir):
     with torch.inference_mode():
         out = node.execute(**node_args(model, vae, encode_text(clip), images=[host_image(h=32, w=32)], steps=1,
                                        lora_name="v/sks"))
-    _, saved, loss = out.args
+    _, saved, loss = out.args[:3]
     assert math.isfinite(loss["loss"][0])
     with safetensors.safe_open(str(loras_dir / saved), "pt") as f:
         assert json.loads(f.metadata()["antipure_customize"])["prediction"] == "v"
@@ -220,18 +220,27 @@ def test_existing_file_is_never_overwritten(pack, loras_dir):
 
 # --- graphs ---------------------------------------------------------------------------------------------------
 
-def customize_graph(ckpt, images, lora_name, steps, prior=False):
+def widget_defaults(**overrides):
+    """Every required widget of the node at its schema default (an API prompt must name them all)."""
+    schema = nodes.NODE_CLASS_MAPPINGS["AntiPureCustomize"].define_schema()
+    values = {i.id: i.default for i in schema.inputs if not i.optional and getattr(i, "default", None) is not None}
+    values.update(overrides)
+    return values
+
+
+def customize_graph(ckpt, images, lora_name, steps, prior=False, **widgets):
     g = GraphBuilder(prefix="")
     loader = g.node("CheckpointLoaderSimple", ckpt_name=ckpt)
     text = g.node("CLIPTextEncode", clip=loader.out(1), text="a photo of sks person")
     extra = {}
     if prior:
         extra = dict(class_positive=g.node("CLIPTextEncode", clip=loader.out(1), text="a photo of person").out(0),
-                     class_images=g.node("LoadImage", image=images[1]).out(0))
+                     class_images=g.node("LoadImage", image=images[1]).out(0),
+                     class_image_count=2, class_sampling_steps=2)  # one given, one generated
+    widgets = widget_defaults(**dict(dict(lora_name=lora_name, steps=steps, learning_rate=1e-4, batch_size=1,
+                                          gradient_checkpointing=False), **widgets))
     cz = g.node("AntiPureCustomize", model=loader.out(0), vae=loader.out(2),
-                images=g.node("LoadImage", image=images[0]).out(0), positive=text.out(0), lora_name=lora_name,
-                steps=steps, learning_rate=1e-4, rank=4, alpha=4.0, target="attention", batch_size=1,
-                grad_accumulation=1, seed=0, gradient_checkpointing=False, prior_weight=1.0, **extra)
+                images=g.node("LoadImage", image=images[0]).out(0), positive=text.out(0), **{**widgets, **extra})
     return g, loader, text, cz
 
 
@@ -268,8 +277,8 @@ def test_cancel_stops_within_one_step_and_saves_nothing(graph, tiny_checkpoint, 
     assert not list(loras_dir.glob("cancelled*"))
 
 
-def test_graph_rejects_zero_steps(graph, tiny_checkpoint, input_images):
-    g, *_ = customize_graph(tiny_checkpoint("sd15"), input_images, "zero", steps=0)
+def test_graph_rejects_negative_steps(graph, tiny_checkpoint, input_images):
+    g, *_ = customize_graph(tiny_checkpoint("sd15"), input_images, "zero", steps=-1)
     result = graph.run(g)
     assert not result.ok and "steps" in result.error
 
@@ -286,16 +295,17 @@ def parts(tiny_model, encode_text):
     (dict(images=[host_image()[:0]]), "images: the batch is empty"),
     (dict(images=[host_image(), host_image(h=32)]), r"images\[1\]: size \(32, 64\) differs"),
     (dict(images=[torch.rand(1, SIZE, SIZE, 2)]), "images: expected 1, 3 or 4 channels"),
-    (dict(steps=0), "steps: must be an integer >= 1"),
+    (dict(steps=-1), "steps: must be an integer >= 1"),
     (dict(rank=0), "rank: must be an integer >= 1"),
     (dict(alpha=-1.0), "alpha: must be finite and > 0"),
-    (dict(learning_rate=0.0), "learning_rate: must be finite and > 0"),
+    (dict(learning_rate=-1.0), "learning_rate: must be finite and > 0"),
     (dict(grad_accumulation=0), "grad_accumulation: must be an integer >= 1"),
-    (dict(batch_size=0), "batch_size: must be an integer >= 1"),
+    (dict(batch_size=-1), "batch_size: must be an integer >= 1"),
     (dict(target="everything"), "target: expected one of"),
     (dict(lora_name="../escape"), "lora_name: '../escape' is not a usable file name"),
     (dict(lora_name="/tmp/abs"), "lora_name: '/tmp/abs' is not a usable file name"),
     (dict(class_images=host_image()), "class_positive: prior preservation needs both"),
+    (dict(class_positive="person", class_image_count=0), "class_positive: expected a CONDITIONING"),
     (dict(positive="a photo of sks person"), "positive: expected a CONDITIONING"),
 ])
 def test_bad_inputs_raise_naming_the_input(node, parts, loras_dir, change, match):
@@ -332,3 +342,62 @@ def test_schema_has_tooltips_and_is_registered(node):
     assert all(i.tooltip for i in schema.inputs) and all(o.tooltip for o in schema.outputs)
     assert io.Hidden.unique_id in schema.hidden
     assert nodes.NODE_CLASS_MAPPINGS.get("AntiPureCustomize") is not None
+
+
+# --- graphs saved before training=dreambooth ------------------------------------------------------------------
+
+#: the node's widgets and outputs at commit 1840151 (before the dreambooth mode), in saved-graph order
+OLD_WIDGETS = ["lora_name", "steps", "learning_rate", "rank", "alpha", "target", "batch_size", "grad_accumulation",
+               "seed", None, "gradient_checkpointing", "prior_weight"]
+OLD_OUTPUTS = ["model", "lora_name", "loss"]
+
+
+def test_saved_graphs_keep_their_widget_positions_and_outputs(node):
+    from antipure.workflow_format import widget_slots
+    input_types = node.INPUT_TYPES()
+    assert widget_slots(input_types)[:len(OLD_WIDGETS)] == OLD_WIDGETS  # UI graphs store widget values by position
+    old = {"model", "vae", "images", "positive", "class_positive", "class_images", *filter(None, OLD_WIDGETS)}
+    new = {n for i in node.define_schema().inputs if (n := i.id) not in old}
+    assert new and new <= set(input_types.get("optional", {}))  # API graphs without them still validate
+    schema = node.define_schema()
+    defaults = {i.id: getattr(i, "default", None) for i in schema.inputs}
+    assert (defaults["steps"], defaults["learning_rate"], defaults["batch_size"]) == (400, 1e-4, 1)
+    assert [o.display_name for o in schema.outputs][:len(OLD_OUTPUTS)] == OLD_OUTPUTS
+
+
+@pytest.mark.parametrize("family,prior", [("sd15", False), ("sd15", True)])
+def test_old_inputs_train_the_lora_bit_for_bit_as_before(host, node, tiny_model, encode_text, family, prior):
+    # The reference is the node's LoRA path at 1840151 written out (attach, training clone, session, the core
+    # loop without clipping); a probe ran that commit's node on these inputs and matched it bit for bit.
+    bridge, ckpt = host.pack_import("antipure_comfy.bridge"), host.pack_import("antipure_comfy.checkpointing")
+    hc, lora_adapters = host.pack_import("antipure_comfy.customize"), host.pack_import("antipure_comfy.lora_adapters")
+    core = host.pack_import("antipure_core.customize")
+    model, clip, vae = tiny_model(family)
+    positive, images = encode_text(clip), [host_image(2, 32, 32, seed=4)]
+    old = dict(lora_name="", steps=2, learning_rate=1e-2, rank=4, alpha=4.0, target="attention", batch_size=1,
+               grad_accumulation=1, seed=7, gradient_checkpointing=False, prior_weight=0.5)
+    class_positive, class_images = encode_text(clip, "a photo of person"), host_image(2, 32, 32, seed=5)
+    args = node_args(model, vae, positive, images=images, **old)
+    if prior:
+        args.update(class_positive=[class_positive], class_images=[class_images])
+    with torch.inference_mode():
+        mp, lora_name, loss, *_ = node.execute(**args).args
+
+        keys = lora_adapters.target_keys(model, "attention")
+        ref_mp, adapters = lora_adapters.attach_lora(model, keys, 4, 4.0, 7)
+        params = lora_adapters.trainable_parameters(adapters)
+        ref_prior = core.Prior(class_positive, images=hc.image_batch([class_images], "class_images"),
+                               weight=0.5) if prior else None
+        train_mp = hc.training_clone(ref_mp)
+        with bridge.session(train_mp, vae, positive) as dm, ckpt.gradient_checkpointing(train_mp, enabled=False):
+            ref_losses = core.customize(dm, hc.image_batch(images, "images"), dm.cond, params, steps=2, lr=1e-2,
+                                        batch_size=1, grad_accum=1, prediction=hc.prediction_type(model),
+                                        prior=ref_prior, generator=7)
+    assert loss["loss"] == ref_losses and lora_name == ""
+    got, ref = lora_adapters.lora_state_dict(mp, _adapters(mp)), lora_adapters.lora_state_dict(ref_mp, adapters)
+    assert got.keys() == ref.keys() and all(torch.equal(got[k], ref[k]) for k in ref)
+
+
+def _adapters(mp):
+    """The LoRA adapters on a trained clone, as ``attach_lora`` returned them."""
+    return {k: w[0] for k, w in mp.weight_wrapper_patches.items()}

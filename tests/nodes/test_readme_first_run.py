@@ -68,13 +68,15 @@ def test_readme_install_and_run_work_as_written_on_a_fresh_host(tmp_path):
     saved = demo / "results" / "sample_face" / "antipure"
     for pattern in ["protected_*.png", "stress_test.json", "stress_test.csv",
                     *[f"{kind}_{lane}_*.png" for kind in ("purified", "generated", "comparison")
-                      for lane in ("gridpure", "diffpure", "jpeg")]]:
+                      for lane in ("gridpure", "diffpure", "jpeg")], "generated_dreambooth_*.png",
+                    "comparison_dreambooth_*.png"]:
         assert list(saved.glob(pattern)), f"README lists {pattern}; found {sorted(p.name for p in saved.iterdir())}"
     reports = sorted(p.name for p in (demo / "results" / "sample_face").glob("*_scores.md"))
-    assert reports == ["DiffPure_scores.md", "GrIDPure_scores.md", "JPEG_scores.md"]
+    assert reports == ["DiffPure_scores.md", "DreamBooth_scores.md", "GrIDPure_scores.md", "JPEG_scores.md"]
     with open(demo / "results" / "results.csv", newline="", encoding="utf-8") as f:
         rows = list(csv.DictReader(f))
-    assert [(r["lane"], r["status"]) for r in rows] == [(f"antipure+{x}", "ok") for x in ("diffpure", "gridpure", "jpeg")]
+    assert [(r["lane"], r["status"]) for r in rows] == [
+        (f"antipure+{x}", "ok") for x in ("diffpure", "gridpure", "gridpure+dreambooth", "jpeg")]
     loras = sorted(p.name for p in (demo / "models" / "loras" / "antipure").glob("*.safetensors"))
     assert loras == [f"stress_test_{x}.safetensors" for x in ("diffpure", "gridpure", "jpeg")]
     assert all(f"models/loras/antipure/{name}" in log for name in loras)  # the demo lists what it wrote

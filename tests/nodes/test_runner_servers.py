@@ -1,10 +1,12 @@
 """``python -m antipure run --server URL ...`` against two real ComfyUI servers on loopback.
 
 The servers (``main.py --cpu`` on free ports, this pack linked into their
-``custom_nodes/``) are started once for the module and stopped at its end; the
-last test kills one. The graph is cheap and needs no checkpoint: load image ->
+``custom_nodes/``) are started once for the module and stopped at its end; a
+test kills one. The graph is cheap and needs no checkpoint: load image ->
 AntiPure Purify (seeded Gaussian noise) -> save, plus the image width shown as
 text (GetImageSize -> Preview Any) and a STRING output (StringConcatenate).
+The shipped stress test (every lane, DreamBooth included) then runs on the
+survivor with the demo's random-weight checkpoints and tiny settings.
 """
 from __future__ import annotations
 
@@ -209,6 +211,50 @@ def test_a_server_killed_mid_run_loses_no_image(servers, batch, tmp_path):
     assert lost[:2] == [("start", victim.url), ("retry", victim.url)]
     assert lost[-1] == ("done", servers[1].url)  # re-queued on the survivor
     assert ("server_down", victim.url) in [(e, s) for e, s, _ in events]  # checked, never back: no more work
+
+
+#: tiny settings for the stress test: one 64-px image, 32-px samples, every lane two or three steps
+STRESS_SETS = [
+    "Protect.steps=2", "Latent.width=32", "Latent.height=32", "Latent.batch_size=1",
+    *[f"{p} LoRA.steps=3" for p in ("DiffPure", "GrIDPure", "JPEG")],
+    *[f"{p} sample.steps=2" for p in ("DiffPure", "GrIDPure", "JPEG", "DreamBooth")],
+    "DreamBooth model.steps=2", "DreamBooth model.class_image_count=1", "DreamBooth model.class_sampling_steps=2",
+    # the method the stress test's note offers: the SD model attacked through the pixel purifier (the in-process
+    # run of this workflow in test_workflows.py keeps antipure)
+    "Protect.method=purified_advdm",
+]
+
+
+def test_the_stress_test_with_purified_advdm_and_its_dreambooth_lane_runs_on_a_server(servers, tmp_path):
+    # the shipped stress test queued through the runner on a real server, with the demo's random-weight
+    # checkpoints (the plain host detects them: no test-only registration in the server process)
+    from antipure.demo import DEMO_SETTINGS, SAMPLE
+    from antipure.random_checkpoint import save_checkpoint
+    from antipure.random_pixel import save_random_adm
+
+    server = servers[1]  # the survivor of the kill test above: this test's run cannot change that one's timing
+    models = server.base / "models"
+    ckpt = next(s.split("=", 1)[1] for s in DEMO_SETTINGS if s.startswith("Checkpoint.ckpt_name="))
+    pixel = next(s.split("=", 1)[1] for s in DEMO_SETTINGS if s.startswith("Purifier.ckpt_name="))
+    save_checkpoint(models / "checkpoints" / ckpt, "demo")
+    save_random_adm(models / "pixel_diffusion" / pixel)
+    images = tmp_path / "images"
+    images.mkdir()
+    Image.open(SAMPLE).convert("RGB").resize((64, 64), Image.LANCZOS).save(images / "face.png")  # one window
+    sets = [arg for item in DEMO_SETTINGS + STRESS_SETS for arg in ("--set", item)]
+    workflow = PACK_DIR / "example_workflows" / "antipure_stress_test.json"
+    code = cli.main(["run", str(workflow), "--images", str(images), "--out", str(tmp_path / "out"),
+                     "--server", server.url, "--no-progress", *sets])
+    table = rows(tmp_path / "out")
+    # one row per lane, the DreamBooth lane's scores in its own row
+    assert code == errors.EXIT_OK and [(r["lane"], r["status"]) for r in table] == [
+        (f"antipure+{lane}", "ok") for lane in ("diffpure", "gridpure", "gridpure+dreambooth", "jpeg")], table
+    row = next(r for r in table if r["lane"] == "antipure+gridpure+dreambooth")
+    assert "(dreambooth)" in row["DreamBooth model.text"] and "text encoder" in row["DreamBooth model.text"]
+    assert row["generated/grid_score"] and row["purified/psnr"] == table[1]["purified/psnr"], row  # GrIDPure images
+    assert "Customized" in row["GrIDPure LoRA.text"] and "(dreambooth)" not in row["GrIDPure LoRA.text"]
+    written = {p.name for p in (tmp_path / "out").rglob("*")}
+    assert any("comparison_dreambooth" in n and n.endswith(".png") for n in written), written
 
 
 HIDE_REQUESTS = textwrap.dedent("""

@@ -137,7 +137,9 @@ def test_stress_test_runs_end_to_end(host, prompt_for, output_dir, tmp_path):
     sets = [s for s in DEMO_SETTINGS if not s.startswith(("Checkpoint.", "Purifier."))]
     sets += ["Protect.steps=2", "Latent.width=32", "Latent.height=32", "Latent.batch_size=1"]
     sets += [f"{p} LoRA.steps=3" for p in ("DiffPure", "GrIDPure", "JPEG")]
-    sets += [f"{p} sample.steps=2" for p in ("DiffPure", "GrIDPure", "JPEG")]
+    sets += [f"{p} sample.steps=2" for p in ("DiffPure", "GrIDPure", "JPEG", "DreamBooth")]
+    sets += ["DreamBooth model.steps=2", "DreamBooth model.class_image_count=1",
+             "DreamBooth model.class_sampling_steps=2"]
     prompt = prompt_for(PACK_DIR / "example_workflows" / "antipure_stress_test.json", sets)
     images = tmp_path / "images"
     images.mkdir()
@@ -149,7 +151,9 @@ def test_stress_test_runs_end_to_end(host, prompt_for, output_dir, tmp_path):
     rows = list(csv.DictReader(open(tmp_path / "out" / "results.csv")))
     # one row per lane, one column per score (FID included: it names the missing weights here), no markdown
     assert [(r["image"], r["lane"], r["status"]) for r in rows] == [
-        ("face.png", f"antipure+{lane}", "ok") for lane in ("diffpure", "gridpure", "jpeg")]
+        ("face.png", f"antipure+{lane}", "ok") for lane in ("diffpure", "gridpure", "gridpure+dreambooth", "jpeg")]
+    # the DreamBooth lane's Customize summary says what it trained
+    assert "(dreambooth)" in rows[0]["DreamBooth model.text"] and "text encoder" in rows[0]["DreamBooth model.text"]
     assert all("not available" in r["generated/fid"] and float(r["protected/psnr"]) > 0 for r in rows)
     assert not any("\n" in v or "|---" in v for r in rows for v in r.values())
     out = tmp_path / "out"
@@ -157,7 +161,7 @@ def test_stress_test_runs_end_to_end(host, prompt_for, output_dir, tmp_path):
     assert {"face/antipure/stress_test.csv", "face/antipure/stress_test.json"} <= written, written
     # the markdown reports are files, and name only files that exist (relative to OUT), not the staging folder
     reports = sorted(n for n in written if n.endswith(".md"))
-    assert len(reports) == 3 and set(reports) <= set(rows[0]["outputs"].split(";")), reports
+    assert len(reports) == 4 and set(reports) <= set(rows[0]["outputs"].split(";")), reports
     named = {m for n in reports for m in re.findall(r"`([^`\s]+\.(?:json|csv))`", (out / n).read_text())}
     assert named == {"face/antipure/stress_test.json", "face/antipure/stress_test.csv"}, named
     # every output file gets the same permissions (the host's images: what open() gives)
