@@ -37,6 +37,11 @@ SUBJECTS: dict[str, tuple[int, tuple[float, float]]] = {
 }
 
 
+#: testbed v3's data scale: photos rendered at twice v2's short sides have the per-pixel detail of a 512-px
+#: photo (RMS Laplacian of the subjects' views 31/255, the astronaut at its native 512 px 30/255; v2's 46/255)
+V3_SCALE = 2.0
+
+
 @lru_cache(maxsize=None)
 def _photo(name: str) -> Tensor:
     """``(3, H, W)`` float in [0, 1]: a scikit-image data photo (grayscale replicated to RGB)."""
@@ -52,6 +57,7 @@ def _photo(name: str) -> Tensor:
 def _resized(name: str, short: int) -> Tensor:
     x = _photo(name)[None]
     h, w = x.shape[-2:]
+    short = min(short, h, w)  # never upsampled: a larger scale stops at the photo's own resolution
     size = (short, round(w * short / h)) if h <= w else (round(h * short / w), short)
     x = F.interpolate(x, size=size, mode="bicubic", align_corners=False, antialias=True)
     return _quantize(x[0])
@@ -62,19 +68,22 @@ def _quantize(x: Tensor) -> Tensor:
 
 
 @lru_cache(maxsize=None)
-def training_pool() -> tuple[tuple[Tensor, ...], tuple[int, ...]]:
-    """The resized training photos and, for each, the index of its source in :data:`TRAIN_SOURCES`."""
+def training_pool(scale: float = 1.0) -> tuple[tuple[Tensor, ...], tuple[int, ...]]:
+    """The resized training photos and, for each, the index of its source in :data:`TRAIN_SOURCES`.
+
+    ``scale`` multiplies every short side (testbed v3 uses 2: see :data:`V3_SCALE`)."""
     pool, labels = [], []
     for k, (name, sides) in enumerate(TRAIN_SOURCES.items()):
         for short in sides:
-            pool.append(_resized(name, short))
+            pool.append(_resized(name, round(short * scale)))
             labels.append(k)
     return tuple(pool), tuple(labels)
 
 
-def training_crops(n: int, size: int = 64, generator: torch.Generator | None = None) -> tuple[Tensor, Tensor]:
+def training_crops(n: int, size: int = 64, generator: torch.Generator | None = None,
+                   scale: float = 1.0) -> tuple[Tensor, Tensor]:
     """``n`` random ``size``-px crops (random flips) of the training photos and their source indices ``(n,)``."""
-    pool, labels = training_pool()
+    pool, labels = training_pool(scale)
     g = generator or torch.Generator().manual_seed(0)
     which = torch.randint(len(pool), (n,), generator=g)
     out = torch.empty(n, 3, size, size)
@@ -87,11 +96,14 @@ def training_crops(n: int, size: int = 64, generator: torch.Generator | None = N
     return out, torch.tensor([labels[j] for j in which.tolist()])
 
 
-def subject_views(subject: str, size: int = 64, n: int = 4) -> Tensor:
-    """``n`` "photos" ``(n, 3, size, size)`` of held-out ``subject``: zoomed/shifted crops, odd ones flipped."""
+def subject_views(subject: str, size: int = 64, n: int = 4, scale: float = 1.0) -> Tensor:
+    """``n`` "photos" ``(n, 3, size, size)`` of held-out ``subject``: zoomed/shifted crops, odd ones flipped.
+
+    ``scale`` multiplies the subject's short side: the views show a smaller part of it, in more detail."""
     if subject not in SUBJECTS:
         raise ValueError(f"subject: unknown {subject!r}; available: {', '.join(SUBJECTS)}")
     short, (cy, cx) = SUBJECTS[subject]
+    short = short * scale
     img = _photo(subject)[None]
     h, w = img.shape[-2:]
     views = []

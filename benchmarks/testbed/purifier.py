@@ -61,6 +61,7 @@ class PurifierConfig:
     low_t = 0
     #: weight of the low-frequency ε error (see :func:`diffusion_loss`)
     lowfreq_weight = 0.0
+    data_scale = 1.0
 
     def adm(self) -> ADMConfig:
         return replace(ADM_CONFIG, model_channels=self.model_channels, channel_mult=tuple(self.channel_mult),
@@ -95,6 +96,8 @@ class CalibratedPurifierConfig(PurifierConfig):
     low_t_share: float = 0.5
     low_t: int = 20
     lowfreq_weight: float = 1.0
+    #: training photos' scale (:func:`~.data.training_crops`)
+    data_scale: float = 1.0
 
 
 def _normal_kl(mean1, logvar1, mean2, logvar2):
@@ -151,7 +154,8 @@ def train_purifier(cfg: PurifierConfig, verbose: bool = True) -> tuple[PixelDiff
     torch.manual_seed(cfg.seed)
     model = PixelDiffusion(ADMUNet(cfg.adm()))
     g = torch.Generator().manual_seed(cfg.seed)
-    data, _ = training_crops(cfg.crops, cfg.size, generator=torch.Generator().manual_seed(cfg.seed + 7))
+    data, _ = training_crops(cfg.crops, cfg.size, generator=torch.Generator().manual_seed(cfg.seed + 7),
+                             scale=cfg.data_scale)
     data = data * 2 - 1
     opt = torch.optim.AdamW(model.unet.parameters(), lr=cfg.lr, weight_decay=0.0)
     sched = torch.optim.lr_scheduler.OneCycleLR(opt, cfg.lr, total_steps=cfg.steps, pct_start=0.05)
@@ -179,9 +183,9 @@ def train_purifier(cfg: PurifierConfig, verbose: bool = True) -> tuple[PixelDiff
                                                 "seconds": round(time.perf_counter() - t0, 1)}
 
 
-def denoise_psnr(model: PixelDiffusion, t: int = 9, n: int = 64, seed: int = 1) -> dict[str, float]:
+def denoise_psnr(model: PixelDiffusion, t: int = 9, n: int = 64, seed: int = 1, scale: float = 1.0) -> dict[str, float]:
     """PSNR (dB) of the one-step x̂₀ and of the noisy input at timestep index ``t`` on fresh training-pool crops."""
-    x, _ = training_crops(n, 32, generator=torch.Generator().manual_seed(10_000 + seed))
+    x, _ = training_crops(n, 32, generator=torch.Generator().manual_seed(10_000 + seed), scale=scale)
     g = torch.Generator().manual_seed(seed)
     z = x * 2 - 1
     tt = torch.full((n,), t)
@@ -206,7 +210,7 @@ def build_purifier(cfg: PurifierConfig, cache_dir: Path | str | None, verbose: b
         n = sum(p.numel() for p in model.unet.parameters())
         print(f"training the pixel purifier (ADM, {n / 1e6:.2f} M parameters) at {cfg.size} px", flush=True)
     model, info = train_purifier(cfg, verbose)
-    info["psnr_at_t10"] = denoise_psnr(model)
+    info["psnr_at_t10"] = denoise_psnr(model, scale=cfg.data_scale)
     info["config"] = asdict(cfg)
     save_cached(model.unet, info, path)
     info["cached"] = False
