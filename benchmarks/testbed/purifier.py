@@ -88,7 +88,7 @@ class CalibratedPurifierConfig(PurifierConfig):
     GrIDPure's 400 denoising steps add up to a colour drift of 15/255.
     """
 
-    steps: int = 1500
+    steps: int = 3000
     model_channels: int = 8
     channel_mult: tuple = ADM_CONFIG.channel_mult
     num_res_blocks: int = 1
@@ -96,8 +96,16 @@ class CalibratedPurifierConfig(PurifierConfig):
     low_t_share: float = 0.5
     low_t: int = 20
     lowfreq_weight: float = 1.0
-    #: training photos' scale (:func:`~.data.training_crops`)
-    data_scale: float = 1.0
+    #: training photos' scale (:func:`~.data.training_crops`): v3's subjects are rendered at this scale
+    data_scale: float = 2.0
+
+
+@dataclass(frozen=True)
+class UnknownPurifierConfig(CalibratedPurifierConfig):
+    """The purifier no method attacks: twice the width (4x the parameters, other weights), 2/3 of the steps."""
+
+    steps: int = 2000
+    model_channels: int = 16
 
 
 def _normal_kl(mean1, logvar1, mean2, logvar2):
