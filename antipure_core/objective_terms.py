@@ -1,10 +1,10 @@
-"""Image gradients of a method's objective, whole or one weighted term at a time.
+"""Image gradients of a method's objective, whole or one weighted term at a time, and PFG at a fixed share.
 
 :func:`image_gradients` is the gradient pass of every PGD step
 (:func:`~antipure_core.pgd.pgd_step`); with ``group`` it keeps the weighted
 terms (:func:`~antipure_core.methods.weighted_terms`) apart, one backward pass
-per group, which :func:`~antipure_core.protect.term_gradients` reports on.
-Images are ``(B, 3, H, W)``.
+per group, which :func:`~antipure_core.protect.term_gradients` reports on and
+:func:`share_gradient` rescales. Images are ``(B, 3, H, W)``.
 """
 from __future__ import annotations
 
@@ -63,3 +63,31 @@ def image_gradients(method: Method, ctx: AttackContext, x_adv: Tensor, samples: 
         (g,) = torch.autograd.grad(z, x_adv, grad_z[k], retain_graph=j < len(keys) - 1)
         _add(grad_x, k, g)
     return sums, grad_x
+
+
+def share_scale(g_pfg: Tensor, g_rest: Tensor, share: float) -> Tensor:
+    """``c`` ``(B, 1, 1, 1)`` with ``‖c·g_pfg‖ / (‖c·g_pfg‖ + ‖g_rest‖) = share`` for each image's gradients.
+
+    ``c = share / (1 − share) · ‖g_rest‖ / ‖g_pfg‖``; where ``g_pfg = 0`` no scale helps, and ``c = 1``
+    leaves λ₁ as set.
+    """
+    n_pfg = g_pfg.flatten(1).norm(dim=1)
+    n_rest = g_rest.flatten(1).norm(dim=1)
+    c = share / (1 - share) * n_rest / n_pfg.clamp_min(torch.finfo(n_pfg.dtype).tiny)
+    return torch.where(n_pfg > 0, c, torch.ones_like(c)).view(-1, 1, 1, 1)
+
+
+def _pfg_or_rest(name: str) -> str:
+    return "pfg" if name == "pfg" else "rest"
+
+
+def share_gradient(method: Method, ctx: AttackContext, x_adv: Tensor, samples: int, share: float
+                   ) -> tuple[dict[str, float], Tensor]:
+    """One PGD step's mean loss terms and its gradient with PFG's weighted term at ``share`` of it
+    (:func:`share_scale`, from this step's own draws), adding ``pfg_lambda``: the mean effective λ₁."""
+    sums, grads = image_gradients(method, ctx, x_adv, samples, _pfg_or_rest)
+    zero = torch.zeros_like(x_adv)
+    g_pfg, g_rest = grads.get("pfg", zero), grads.get("rest", zero)
+    c = share_scale(g_pfg, g_rest, share)
+    sums["pfg_lambda"] = ctx.frequency.weight * float(c.mean())
+    return sums, c * g_pfg + g_rest

@@ -29,7 +29,7 @@ from .frequency import FrequencyGuidance
 from .image import check_budget, check_image, crop_to, pad_to_multiple, project_linf, quantize_within_budget
 from .methods import METHODS, WINDOW_MODES, AttackContext, Method, get_method
 from .model import check_model
-from .objective_terms import image_gradients
+from .objective_terms import image_gradients, share_gradient
 from .timestep import TimestepGuidance
 
 #: AntiPure's default t^p: GrIDPure's t* (10 of 1000 steps, DESIGN §1.3)
@@ -160,12 +160,17 @@ def pgd_step(method: Method, ctx: AttackContext, x_adv: Tensor, x: Tensor, eta: 
     """One signed-gradient ascent step of ``method``'s objective, projected to ``|x_adv - x|_inf <= eta`` and [0, 1].
 
     ``x_adv``, ``x``: ``(B, 3, H, W)`` padded images in [0, 1]; ``eta``, ``alpha`` in pixel scale.
-    Returns the new (detached) ``x_adv`` and the mean of each loss term.
+    Returns the new (detached) ``x_adv`` and the mean of each loss term (with PFG at a fixed
+    ``share``, also ``pfg_lambda``, the step's effective λ₁; ``objective`` stays the method's own, at λ₁).
     """
     x_adv = x_adv.detach().requires_grad_(True)
+    share = None if ctx.frequency is None else ctx.frequency.share
     with torch.enable_grad():
-        terms, grads = image_gradients(method, ctx, x_adv, eot_samples)
-    grad = grads.get("objective", torch.zeros_like(x_adv))
+        if share is None:
+            terms, grads = image_gradients(method, ctx, x_adv, eot_samples)
+            grad = grads.get("objective", torch.zeros_like(x_adv))
+        else:
+            terms, grad = share_gradient(method, ctx, x_adv, eot_samples, share)
     with torch.no_grad():
         return project_linf(x_adv + alpha * grad.sign(), x, eta), terms
 

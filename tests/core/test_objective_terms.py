@@ -1,5 +1,6 @@
-"""Each weighted term's image gradient (term_gradients) on the tiny pixel ADM and the latent toy: the terms against
-an independent backward of the whole objective, and the PGD step against the plain step taken by hand."""
+"""Each weighted term's image gradient (term_gradients) and PFG at a fixed share of the step (FrequencyGuidance.share),
+on the tiny pixel ADM and the latent toy: the terms against an independent backward of the whole objective, the
+share against term_gradients at the step's own draws, and the default step against the plain PGD step."""
 import math
 
 import pytest
@@ -8,9 +9,9 @@ import torch
 from antipure_core.frequency import FrequencyGuidance
 from antipure_core.image import project_linf
 from antipure_core.methods import METHODS, antipure_terms, weighted_terms
-from antipure_core.objective_terms import image_gradients
+from antipure_core.objective_terms import image_gradients, share_scale
 from antipure_core.pgd import attack_context, pgd_step
-from antipure_core.protect import term_gradients
+from antipure_core.protect import protect, term_gradients
 from antipure_core.timestep import TimestepGuidance
 from tests.tiny_adm import tiny_pixel_diffusion
 from tests.toy import make_toy, smooth_image
@@ -18,6 +19,7 @@ from tests.toy import make_toy, smooth_image
 pytestmark = pytest.mark.usefixtures("one_thread")
 
 EPS = 8 / 255
+PFG = "pfg"
 
 
 @pytest.fixture(scope="module")
@@ -118,11 +120,74 @@ def test_term_gradients_ablation_and_bad_inputs(latent):
         term_gradients(model, x[..., :16], x, cond)
 
 
-def test_pgd_step_is_the_plain_step(pixel):
-    """The step is the sign of the plain objective gradient (one backward per part), bit for bit."""
+# --- PFG at a fixed share ---------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("share", [0, 1, -0.5, 1.5, float("nan"), True, "0.5"])
+def test_bad_share_raises(share):
+    with pytest.raises(ValueError, match=r"share: .*\(0, 1\)"):
+        FrequencyGuidance(share=share)
+
+
+def test_share_none_is_the_plain_step(pixel):
+    """The default step is the sign of the plain objective gradient, bit for bit, and reports no pfg_lambda."""
     model, cond = pixel
     x = smooth_image(2, 32, 32)
-    kw = dict(frequency=FrequencyGuidance(), timestep=TimestepGuidance(), window=16)
-    step, _ = pgd_step(METHODS["antipure"], _ctx(model, cond, x, 5, **kw), x, x, EPS, 2 / 255, eot_samples=2)
+    kw = dict(frequency=FrequencyGuidance(share=None), timestep=TimestepGuidance(), window=16)
+    step, terms = pgd_step(METHODS["antipure"], _ctx(model, cond, x, 5, **kw), x, x, EPS, 2 / 255, eot_samples=2)
     by_hand = project_linf(x + 2 / 255 * whole_gradient(model, cond, x, x, 5, 2, **kw).sign(), x, EPS)
-    assert torch.equal(step, by_hand)
+    assert torch.equal(step, by_hand) and "pfg_lambda" not in terms
+    run = dict(eta=EPS, alpha=2 / 255, steps=2, seed=1, window=16, quantize=False)
+    assert torch.equal(protect(model, x, cond, **run), protect(model, x, cond, frequency=FrequencyGuidance(), **run))
+
+
+def test_share_gives_pfg_its_share_at_the_steps_draws(pixel):
+    """One step at share 0.5 with ETG off: term_gradients at the same draws with λ₁ = the step's pfg_lambda
+    shows PFG at half of the gradient."""
+    model, cond = pixel
+    x = smooth_image(1, 32, 32)
+    seen = []
+    protect(model, x, cond, steps=1, seed=6, frequency=FrequencyGuidance(share=0.5), timestep=None,
+            callback=seen.append)
+    lam = seen[0]["pfg_lambda"]
+    assert lam > 0 and lam != 0.5
+    before = term_gradients(model, x, x, cond, seed=6, samples=1, timestep=None)["terms"]
+    after = term_gradients(model, x, x, cond, seed=6, samples=1, timestep=None,
+                           frequency=FrequencyGuidance(weight=lam))["terms"]
+    assert abs(after["pfg"]["share"] - 0.5) < 1e-4, (before, after)
+    assert math.isclose(after["pfg"]["norm"], before["pfg"]["norm"] * lam / 0.5, rel_tol=1e-4)
+
+
+@pytest.mark.parametrize("share", [0.2, 0.7])
+def test_share_step_scales_pfg_against_the_rest_per_image(latent, share):
+    model, cond = latent
+    x = smooth_image(2, 32, 32)
+    x_adv = _perturbed(x)
+    kw = dict(frequency=FrequencyGuidance(share=share), timestep=TimestepGuidance())
+    step, terms = pgd_step(METHODS["antipure"], _ctx(model, cond, x, 7, **kw), x_adv, x, EPS, 1 / 255)
+    xa = x_adv.clone().requires_grad_(True)
+    _, g = image_gradients(METHODS["antipure"], _ctx(model, cond, x, 7, **kw), xa, 1,
+                           group=lambda n: n if n == PFG else "rest")
+    c = share_scale(g["pfg"], g["rest"], share)
+    n_pfg, n_rest = (c * g["pfg"]).flatten(1).norm(dim=1), g["rest"].flatten(1).norm(dim=1)
+    assert torch.allclose(n_pfg / (n_pfg + n_rest), torch.full((2,), share), atol=1e-5)
+    assert c.flatten()[0] != c.flatten()[1]  # one scale per image
+    assert torch.equal(step, project_linf(x_adv + 1 / 255 * (c * g["pfg"] + g["rest"]).sign(), x, EPS))
+    assert math.isclose(terms["pfg_lambda"], 0.5 * float(c.mean()), rel_tol=1e-6)
+    assert {"ldm", "pfg", "etg", "objective"} <= set(terms)
+
+
+def test_share_scale_guards_a_zero_pfg_gradient():
+    g_rest = torch.ones(2, 3, 4, 4)
+    g_pfg = torch.cat([torch.zeros(1, 3, 4, 4), torch.full((1, 3, 4, 4), 2.0)])
+    c = share_scale(g_pfg, g_rest, 0.25)
+    assert c.shape == (2, 1, 1, 1) and c[0].item() == 1.0
+    assert math.isclose(c[1].item(), 0.25 / 0.75 * 1 / 2, rel_tol=1e-6)
+
+
+def test_share_is_deterministic_and_changes_the_result(pixel):
+    model, cond = pixel
+    x = smooth_image(1, 32, 32)
+    run = dict(eta=EPS, alpha=2 / 255, steps=2, seed=3, quantize=False)
+    a = protect(model, x, cond, frequency=FrequencyGuidance(share=0.5), **run)
+    assert torch.equal(a, protect(model, x, cond, frequency=FrequencyGuidance(share=0.5), **run))
+    assert not torch.equal(a, protect(model, x, cond, **run))
