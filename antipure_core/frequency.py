@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from typing import Optional
 
 import torch
 from einops import rearrange
@@ -126,13 +127,24 @@ class FrequencyGuidance:
             it; 8 (the JPEG block) is our choice.
         reduction: ``'signed'`` (the formula as published, our default) or
             ``'magnitude'`` (absolute coefficients), see :func:`highest_quarter_mean`.
+        share: ``None`` (default): λ₁ is ``weight`` at every step. ``s`` in (0, 1): each PGD step
+            rescales PFG's weighted term so that, with ``g_pfg`` its image gradient and ``g_rest``
+            that of the other terms together, ``‖g_pfg‖ / (‖g_pfg‖ + ‖g_rest‖) = s`` for each image
+            (:func:`~antipure_core.objective_terms.share_scale`); only the sign of ``weight`` then
+            matters. Our option, not the paper's: a fixed λ₁ lets PFG's pull be negligible or
+            dominant depending on the image and t.
     """
 
     weight: float = 0.5
     patch_size: int = 8
     reduction: str = "signed"
+    share: Optional[float] = None
 
     def __post_init__(self):
+        if self.share is not None and (isinstance(self.share, bool) or not isinstance(self.share, (int, float))
+                                       or not 0 < self.share < 1):
+            raise ValueError(f"share: PFG's share of the step gradient must be a number in (0, 1) exclusive, or "
+                             f"None for the fixed weight λ₁, got {self.share!r}")
         if self.patch_size < 2 or self.patch_size % 2:
             raise ValueError(f"patch_size: must be even and >= 2, got {self.patch_size}")
         if self.reduction not in REDUCTIONS:

@@ -5,7 +5,10 @@ tensors with an ``"objective"`` entry that PGD *maximises*; the other entries
 are the loss terms reported to the callback. ``x_adv`` is the perturbed image
 ``(B, 3, H, W)`` and ``z = E(x_adv)`` its image in the model's space (a
 latent, or ``2x − 1`` for a pixel model), both carrying gradient to δ; the
-PGD loop encodes once per step and calls the loss once per EOT sample.
+PGD loop encodes once per step and calls the loss once per EOT sample. A
+loss whose objective adds several weighted terms also returns each of them as
+``<name>_weighted`` (:func:`weighted_terms`), so each term's gradient can be
+taken on its own (:mod:`.objective_terms`).
 
 A method whose terms use separate model graphs may also register ``parts``:
 a generator of such dicts whose ``"objective"`` entries add up to the loss's.
@@ -122,6 +125,19 @@ def loss_parts(method: Method, ctx: AttackContext, x_adv: Tensor, z: Tensor) -> 
         yield from method.parts(ctx, x_adv, z)
 
 
+#: suffix of a loss dict's entries that are the objective's additive terms, weights applied
+WEIGHTED = "_weighted"
+
+
+def weighted_terms(terms: dict) -> dict:
+    """The additive terms of ``terms["objective"]``, weights applied, by name: each ``<name>_weighted`` entry.
+
+    A method whose objective is one term has no such entries: it is then ``{"objective": ...}``.
+    """
+    found = {k[:-len(WEIGHTED)]: v for k, v in terms.items() if k.endswith(WEIGHTED)}
+    return found or {"objective": terms["objective"]}
+
+
 def _sum_parts(parts) -> dict:
     out: dict = {}
     for part in parts:
@@ -167,19 +183,21 @@ def antipure_terms(ctx: AttackContext, z: Tensor) -> dict:
     noise prediction at ``t`` shared by all three terms: ``L_ddpm = mean((ε_θ(x_t, t) − ε)²)``;
     ``L_fre`` on the one-step ``x̂₀`` decoded to the image range [−1, 1]
     (identity for a pixel purifier); ``L_err`` against the prediction at ``t_err > t``.
-    Returns per-sample ``(B,)`` terms ``ldm``, ``pfg``, ``etg`` (the enabled ones) and ``objective``.
+    Returns per-sample ``(B,)`` terms ``ldm``, ``pfg``, ``etg`` (the enabled ones), each one's weighted
+    contribution ``<name>_weighted`` (:func:`weighted_terms`; they add up to it) and ``objective``.
     """
     model = ctx.model
     t, noise, z_t = _noisy(ctx, z, ctx.t_lo, ctx.t_hi)
     eps = model.predict_noise(z_t, t, ctx.cond)
     ldm = _mse(eps, noise)
-    out = {"ldm": ldm}
+    out = {"ldm": ldm, "ldm" + WEIGHTED: ldm}
     objective = ldm
     pfg = ctx.frequency
     if pfg is not None:
         x0_img = model.decode(predict_x0(model, z_t, t, eps)) * 2 - 1
         out["pfg"] = pfg_loss(x0_img, pfg)
-        objective = objective + pfg.weight * torch.exp(abar_at(model, t, ldm) - 1) * out["pfg"]
+        out["pfg" + WEIGHTED] = pfg.weight * torch.exp(abar_at(model, t, ldm) - 1) * out["pfg"]
+        objective = objective + out["pfg" + WEIGHTED]
     etg = ctx.timestep
     if etg is not None:
         offset = ctx.t_hi + 1 if etg.offset is None else etg.offset  # default: past t^p, the purifier's range
@@ -190,7 +208,8 @@ def antipure_terms(ctx: AttackContext, z: Tensor) -> dict:
         else:
             eps_err = model.predict_noise(z_t, t_err, ctx.cond)
         out["etg"] = etg_loss(eps, eps_err)
-        objective = objective + etg.weight * torch.exp(out["etg"])
+        out["etg" + WEIGHTED] = etg.weight * torch.exp(out["etg"])
+        objective = objective + out["etg" + WEIGHTED]
     out["objective"] = objective
     return out
 

@@ -27,8 +27,9 @@ from torch import Tensor
 
 from .frequency import FrequencyGuidance
 from .image import check_budget, check_image, crop_to, pad_to_multiple, project_linf, quantize_within_budget
-from .methods import METHODS, WINDOW_MODES, AttackContext, Method, get_method, loss_parts
+from .methods import METHODS, WINDOW_MODES, AttackContext, Method, get_method
 from .model import check_model
+from .objective_terms import image_gradients, share_gradient
 from .timestep import TimestepGuidance
 
 #: AntiPure's default t^p: GrIDPure's t* (10 of 1000 steps, DESIGN §1.3)
@@ -159,39 +160,19 @@ def pgd_step(method: Method, ctx: AttackContext, x_adv: Tensor, x: Tensor, eta: 
     """One signed-gradient ascent step of ``method``'s objective, projected to ``|x_adv - x|_inf <= eta`` and [0, 1].
 
     ``x_adv``, ``x``: ``(B, 3, H, W)`` padded images in [0, 1]; ``eta``, ``alpha`` in pixel scale.
-    Returns the new (detached) ``x_adv`` and the mean of each loss term.
+    Returns the new (detached) ``x_adv`` and the mean of each loss term (with PFG at a fixed
+    ``share``, also ``pfg_lambda``, the step's effective λ₁; ``objective`` stays the method's own, at λ₁).
     """
     x_adv = x_adv.detach().requires_grad_(True)
+    share = None if ctx.frequency is None else ctx.frequency.share
     with torch.enable_grad():
-        terms = _step_gradient(method, ctx, x_adv, eot_samples)
+        if share is None:
+            terms, grads = image_gradients(method, ctx, x_adv, eot_samples)
+            grad = grads.get("objective", torch.zeros_like(x_adv))
+        else:
+            terms, grad = share_gradient(method, ctx, x_adv, eot_samples, share)
     with torch.no_grad():
-        return project_linf(x_adv + alpha * x_adv.grad.sign(), x, eta), terms
-
-
-def _step_gradient(method: Method, ctx: AttackContext, x_adv: Tensor, eot_samples: int) -> dict[str, float]:
-    """Accumulate ∇ objective into ``x_adv.grad``; return the mean of each loss term.
-
-    The encoder runs once; each EOT sample, and each part of a method's loss,
-    back-propagates to a detached copy of the latent right away, so only one
-    noise-predictor graph is alive at a time, and the encoder backward runs
-    once at the end.
-    """
-    z = ctx.model.encode(x_adv)
-    z_leaf = z.detach().requires_grad_(True)
-    sums: dict[str, float] = {}
-    for _ in range(eot_samples):
-        for terms in loss_parts(method, ctx, x_adv, z_leaf):
-            obj = terms["objective"]
-            if not torch.isfinite(obj).all():
-                raise FloatingPointError("protect: the objective became NaN/inf; lower alpha or use fp32 weights")
-            (obj.sum() / eot_samples).backward()
-            for k, v in terms.items():
-                sums[k] = sums.get(k, 0.0) + float(v.detach().mean()) / eot_samples
-    if z_leaf.grad is not None:
-        z.backward(z_leaf.grad)
-    if x_adv.grad is None:
-        x_adv.grad = torch.zeros_like(x_adv)
-    return sums
+        return project_linf(x_adv + alpha * grad.sign(), x, eta), terms
 
 
 # --- finish -----------------------------------------------------------------------------------------------------

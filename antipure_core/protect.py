@@ -1,4 +1,5 @@
-"""Protection against a fixed model, for every method that trains nothing, and the objective to evaluate it by.
+"""Protection against a fixed model, for every method that trains nothing, and the objective to evaluate it by
+(its value, and each weighted term's gradient).
 
 The PGD skeleton itself (checks, context, start, step, finish) lives in :mod:`.pgd`.
 """
@@ -14,13 +15,15 @@ from .frequency import FrequencyGuidance
 from .image import check_image, crop_to, pad_to_multiple
 from .methods import get_method
 from .model import check_model
+from .objective_terms import image_gradients
 from .pgd import (DEFAULT_T_PURIFY, attack_context, attack_finish, attack_start, check_attack, guidance,
                   pad_multiple, pgd_step, start_point)
 from .purify_filters import check_int
 from .timestep import TimestepGuidance
 
 # DEFAULT_T_PURIFY lives with the context that resolves it (pgd.py); callers import it from here
-__all__ = ["protect", "evaluate_objective", "DEFAULT_FREQUENCY", "DEFAULT_TIMESTEP", "DEFAULT_T_PURIFY"]
+__all__ = ["protect", "evaluate_objective", "term_gradients", "DEFAULT_FREQUENCY", "DEFAULT_TIMESTEP",
+           "DEFAULT_T_PURIFY"]
 
 DEFAULT_FREQUENCY = FrequencyGuidance()
 DEFAULT_TIMESTEP = TimestepGuidance()
@@ -111,6 +114,52 @@ def evaluate_objective(model, x_adv: Tensor, x: Tensor, cond: Any, method: str =
     With the same ``seed`` the draws are identical across calls, so objective
     values at different ``x_adv`` are directly comparable.
     """
+    m, ctx, xap, _ = _evaluation(model, x_adv, x, cond, method, seed, samples, frequency, timestep, t_range,
+                                 t_purify, window, stride, window_mode, options)
+    z = model.encode(xap)
+    sums: dict[str, float] = {}
+    for _ in range(samples):
+        for k, v in m.loss(ctx, xap, z).items():
+            sums[k] = sums.get(k, 0.0) + float(v.mean()) / samples
+    return sums
+
+
+def term_gradients(model, x_adv: Tensor, x: Tensor, cond: Any, method: str = "antipure", seed: int = 0,
+                   samples: int = 8, frequency: Optional[FrequencyGuidance] = DEFAULT_FREQUENCY,
+                   timestep: Optional[TimestepGuidance] = DEFAULT_TIMESTEP,
+                   t_range: Optional[tuple[int, int]] = None, t_purify: Optional[int] = None,
+                   window: Optional[int] = None, stride: Optional[int] = None, window_mode: str = "all",
+                   options: Optional[dict] = None) -> dict:
+    """How each weighted term of ``method``'s objective pulls ``x_adv``, at :func:`evaluate_objective`'s draws.
+
+    Arguments as :func:`evaluate_objective`. Each term's gradient w.r.t. the image (mean over ``samples``;
+    the padding cropped off) is taken at the same draws; the terms (antipure: ``ldm`` = L_ddpm,
+    ``pfg`` = λ₁·e^{ᾱ_t−1}·L_fre, ``etg`` = λ₂·e^{L_err}; a one-term method: ``objective``) add up to the
+    objective, so their gradients add up to its gradient, the ``total``. Norms and shares are over the batch;
+    the terms are at λ₁ = ``frequency.weight`` (``frequency.share`` plays no part here).
+
+    Returns:
+        ``{"terms": {name: {"norm", "share", "sign_agreement"}}, "total_norm": float}``: ``norm`` the
+        gradient's L2 norm; ``share`` that norm over the sum of the terms' norms; ``sign_agreement`` the
+        fraction of pixel values where the term's gradient has the sign of the total's.
+    """
+    m, ctx, xap, size = _evaluation(model, x_adv, x, cond, method, seed, samples, frequency, timestep, t_range,
+                                    t_purify, window, stride, window_mode, options)
+    xap.requires_grad_(True)
+    with torch.enable_grad():
+        _, grads = image_gradients(m, ctx, xap, samples, group=lambda name: name)
+    grads = {k: crop_to(g, size) for k, g in grads.items()}
+    total = sum(grads.values())
+    norms = {k: float(g.norm()) for k, g in grads.items()}
+    denom = sum(norms.values())
+    terms = {k: {"norm": norms[k], "share": norms[k] / denom if denom > 0 else 0.0,
+                 "sign_agreement": float((g.sign() == total.sign()).float().mean())} for k, g in grads.items()}
+    return {"terms": terms, "total_norm": float(total.norm())}
+
+
+def _evaluation(model, x_adv: Tensor, x: Tensor, cond: Any, method: str, seed: int, samples: int,
+                frequency, timestep, t_range, t_purify, window, stride, window_mode, options):
+    """The checked method, its seeded context on the padded ``x``, the padded ``x_adv`` and the size to crop to."""
     _check_evaluation(model, x_adv, x, samples)
     m = get_method(method)
     if m.loss is None:
@@ -120,15 +169,10 @@ def evaluate_objective(model, x_adv: Tensor, x: Tensor, cond: Any, method: str =
     xa = x_adv.detach().to(model.device, torch.float32)
     mult = pad_multiple(model, frequency, window)
     xp, _ = pad_to_multiple(x0, mult)
-    xap, _ = pad_to_multiple(xa, mult)
+    xap, size = pad_to_multiple(xa, mult)
     ctx = attack_context(model, xp, cond, torch.Generator().manual_seed(int(seed)), m, t_range, t_purify,
                          frequency, timestep, options, window, stride, window_mode)
-    z = model.encode(xap)
-    sums: dict[str, float] = {}
-    for _ in range(samples):
-        for k, v in m.loss(ctx, xap, z).items():
-            sums[k] = sums.get(k, 0.0) + float(v.mean()) / samples
-    return sums
+    return m, ctx, xap, size
 
 
 def _check_evaluation(model, x_adv: Tensor, x: Tensor, samples: int) -> None:

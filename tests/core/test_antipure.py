@@ -51,8 +51,9 @@ def direct_terms(model, z, cond, g, t_p, s, offset, decode):
     x0 = (x_t - (1 - ab).sqrt() * eps) / ab.sqrt()
     fre = torch.sigmoid(textbook_highest_quarter(decode(x0) * 2 - 1, s)).float()
     err = -(model.predict_noise(x_t, torch.clamp(t + offset, max=999), cond) - eps).square().mean((1, 2, 3))
-    obj = ldm + 0.5 * torch.exp(ab.flatten() - 1) * fre + 0.5 * torch.exp(err)
-    return {"ldm": ldm, "pfg": fre, "etg": err, "objective": obj, "t": t}
+    pfg_w, etg_w = 0.5 * torch.exp(ab.flatten() - 1) * fre, 0.5 * torch.exp(err)
+    return {"ldm": ldm, "pfg": fre, "etg": err, "objective": ldm + pfg_w + etg_w, "t": t,
+            "ldm_weighted": ldm, "pfg_weighted": pfg_w, "etg_weighted": etg_w}
 
 
 @pytest.mark.parametrize("latent", [False, True])
@@ -65,7 +66,7 @@ def test_terms_match_the_formula(latent, pixel):
     with torch.no_grad():
         got = antipure_terms(ctx, z)
         want = direct_terms(model, z, cond, torch.Generator().manual_seed(5), 10, 8, 10, model.decode)
-    assert set(got) == {"ldm", "pfg", "etg", "objective"}
+    assert set(got) == {"ldm", "pfg", "etg", "objective", "ldm_weighted", "pfg_weighted", "etg_weighted"}
     for k in got:
         assert torch.allclose(got[k], want[k], rtol=1e-4, atol=1e-6), (k, got[k], want[k])
     assert (want["etg"] < 0).all() and ((0 < want["pfg"]) & (want["pfg"] < 1)).all()
