@@ -34,6 +34,7 @@ from .diffusion import abar_at, noise_at_random_t, predict_x0, q_sample, randn_l
 from .frequency import FrequencyGuidance, pfg_loss
 from .model import check_features
 from .patterns import target_pattern
+from .purification_gap import check_gap, gap_loss
 from .purified_attack import check_purified, purified_parts
 from .timestep import TimestepGuidance, erroneous_timestep, etg_loss
 from .windows import WINDOW_MODES, grid_windows, pick_windows  # noqa: F401 (WINDOW_MODES: re-exported)
@@ -278,6 +279,10 @@ def purified_advdm_parts(ctx: AttackContext, x_adv: Tensor, z: Tensor) -> Iterat
 def purified_advdm_loss(ctx: AttackContext, x_adv: Tensor, z: Tensor) -> dict:
     return _sum_parts(purified_advdm_parts(ctx, x_adv, z))
 
+
+register_method("purification_gap", "Oracle on the purifier: maximise ‖P(x′) − x′‖² through the pixel purifier's "
+                "chain (GrIDPure/DiffPure; route 'full': every step); the customization model is not in the loss",
+                purifies=True, setup=check_gap)(gap_loss)
 
 METHODS["random"] = Method("random", None, "Uniform noise U[-η, η] at the same budget (no optimisation)")
 

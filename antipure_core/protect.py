@@ -65,7 +65,7 @@ def protect(model, x: Tensor, cond: Any, method: str = "antipure", eta: float = 
             the whole image at once.
         options: method-specific settings, e.g. ``{"textural_weight": 1.0,
             "target": "texture"}`` for mist, ``{"target": "gray"}`` for photoguard,
-            ``{"purification": PurifiedSettings(...), "pixel_model": adm}`` for purified_advdm
+            ``{"purification": PurifiedSettings(...), "pixel_model": adm}`` for purified_advdm and purification_gap
             (:mod:`~antipure_core.purified_attack`).
         quantize: round to 8-bit levels while keeping ``|q - x|_inf <= eta`` exactly.
         callback: called after every step with ``i``, ``total``, ``x_adv`` and the

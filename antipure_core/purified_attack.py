@@ -131,7 +131,10 @@ def _check_purifiers(purifiers) -> None:
 
 # --- the purifiers, differentiable ------------------------------------------------------------------------------
 
-def _gridpure(ctx, x: Tensor, s: PurifiedSettings) -> Tensor:
+def gridpure_share(ctx, x: Tensor, s: PurifiedSettings) -> tuple[Tensor, float]:
+    """GrIDPure's differentiable output of ``x`` ``(B, 3, H, W)`` and the share of ``x``'s pixels it purified:
+    1 with ``windows = 'all'``, one window's area over the image's with ``'random'`` (outside that window the
+    output is ``x`` exactly, so a mean over the image divided by the share is the mean over the window)."""
     layout = grid_windows(tuple(x.shape[-2:]), s.window, s.stride or s.window // 2)
     tiles = layout.crops(x)
     picked = pick_windows(layout.count, s.windows, ctx.generator)
@@ -139,10 +142,15 @@ def _gridpure(ctx, x: Tensor, s: PurifiedSettings) -> Tensor:
     def chain(tile):
         return pixel_chain(ctx.options["pixel_model"], tile, s.t_star, s.route, s.k, ctx.generator, s.checkpoint)
     if len(picked) == layout.count:
-        out = layout.merge([chain(tile) for tile in tiles])
+        out, share = layout.merge([chain(tile) for tile in tiles]), 1.0
     else:
-        out = layout.paste(x, picked[0], chain(tiles[picked[0]]))
-    return x + (1 - s.gamma) * (out - x)  # GrIDPure's blend, and exactly x' outside a random window
+        tile = tiles[picked[0]]
+        out, share = layout.paste(x, picked[0], chain(tile)), tile[0, 0].numel() / x[0, 0].numel()
+    return x + (1 - s.gamma) * (out - x), share  # GrIDPure's blend, and exactly x' outside a random window
+
+
+def _gridpure(ctx, x: Tensor, s: PurifiedSettings) -> Tensor:
+    return gridpure_share(ctx, x, s)[0]
 
 
 def _diffpure(ctx, x: Tensor, s: PurifiedSettings) -> Tensor:
@@ -179,27 +187,39 @@ def draw_purifier(settings: PurifiedSettings, generator: torch.Generator) -> str
 
 # --- the loss ---------------------------------------------------------------------------------------------------
 
-def check_purified(ctx) -> None:
-    """The purified methods' ``setup``: put the default settings in ``ctx.options`` if none, check them and the
-    models the weighted purifiers need. Raises ``ValueError``/``TypeError`` naming the option."""
+def purification_settings(ctx) -> PurifiedSettings:
+    """``ctx.options['purification']``, checked; the default put there if none. Raises ``TypeError`` /
+    ``ValueError`` naming the option or the setting."""
     s = ctx.options.setdefault("purification", PurifiedSettings())
     if not isinstance(s, PurifiedSettings):
         raise TypeError(f"options['purification']: expected PurifiedSettings, got {type(s).__name__}")
     s.check()
+    return s
+
+
+def check_purified(ctx) -> None:
+    """The purified methods' ``setup``: put the default settings in ``ctx.options`` if none, check them and the
+    models the weighted purifiers need. Raises ``ValueError``/``TypeError`` naming the option."""
+    s = purification_settings(ctx)
     pixel = [n for n in PIXEL_PURIFIERS if s.purifiers.get(n, 0) > 0]
     if pixel and s.purified_weight > 0:
-        pm = ctx.options.get("pixel_model")
-        if pm is None:
-            verb = "runs" if len(pixel) == 1 else "run"
-            raise ValueError(f"pixel_model: {' and '.join(pixel)} {verb} on a pixel diffusion model; pass "
-                             "options['pixel_model'] (the node: connect AntiPure Load Pixel Diffusion) or give "
-                             "them weight 0")
-        check_model(pm)
-        if not callable(getattr(pm, "predict_noise_and_log_variance", None)):
-            raise TypeError(f"pixel_model: {type(pm).__name__} has no learned-variance step "
-                            "(predict_noise_and_log_variance); load it with load_pixel_diffusion")
-        for name in ("t_star", "diffpure_t_star"):
-            check_int(getattr(s, name), name, 1, pm.num_timesteps)
+        check_pixel_model(ctx, s, pixel, " or give them weight 0")
+
+
+def check_pixel_model(ctx, s: PurifiedSettings, pixel: list[str], fix: str = "") -> None:
+    """Check ``ctx.options['pixel_model']``, which the purifiers named in ``pixel`` run on, against ``s``;
+    ``fix``: the error's alternative to passing one (e.g. ``" or give them weight 0"``)."""
+    pm = ctx.options.get("pixel_model")
+    if pm is None:
+        verb = "runs" if len(pixel) == 1 else "run"
+        raise ValueError(f"pixel_model: {' and '.join(pixel)} {verb} on a pixel diffusion model; pass "
+                         "options['pixel_model'] (the node: connect AntiPure Load Pixel Diffusion)" + fix)
+    check_model(pm)
+    if not callable(getattr(pm, "predict_noise_and_log_variance", None)):
+        raise TypeError(f"pixel_model: {type(pm).__name__} has no learned-variance step "
+                        "(predict_noise_and_log_variance); load it with load_pixel_diffusion")
+    for name in ("t_star", "diffpure_t_star"):
+        check_int(getattr(s, name), name, 1, pm.num_timesteps)
 
 
 class _LowpassGradient(torch.autograd.Function):
@@ -215,6 +235,11 @@ class _LowpassGradient(torch.autograd.Function):
         return blur(grad, ctx.sigma), None
 
 
+def lowpass_input(x_adv: Tensor, s: PurifiedSettings) -> Tensor:
+    """``x_adv`` itself, or with its gradient Gaussian-blurred on the way back (``s.lowpass_sigma > 0``)."""
+    return x_adv if s.lowpass_sigma == 0 else _LowpassGradient.apply(x_adv, float(s.lowpass_sigma))
+
+
 def purified_parts(ctx, x_adv: Tensor, z: Tensor, loss: Callable[[Any, Tensor, Tensor], dict]) -> Iterator[dict]:
     """``loss`` on ``x'`` (weight ``1 − w``), then on a drawn purifier's output of ``x'`` (weight ``w``), as parts.
 
@@ -224,7 +249,7 @@ def purified_parts(ctx, x_adv: Tensor, z: Tensor, loss: Callable[[Any, Tensor, T
     """
     s: PurifiedSettings = ctx.options["purification"]
     w = float(s.purified_weight)
-    x_in = x_adv if s.lowpass_sigma == 0 else _LowpassGradient.apply(x_adv, float(s.lowpass_sigma))
+    x_in = lowpass_input(x_adv, s)
     if w < 1:
         plain = loss(ctx, x_in, z if x_in is x_adv else ctx.model.encode(x_in))
         yield {**plain, "objective": (1 - w) * plain["objective"]}

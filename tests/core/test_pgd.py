@@ -21,8 +21,8 @@ from tests.toy import make_toy, smooth_image
 ROOT = Path(__file__).resolve().parents[2]
 CORE = ROOT / "antipure_core"
 #: the node's Combo lists list(METHODS): this order is user-visible
-ORDER = ["advdm", "antipure", "mist", "photoguard", "sds", "purified_advdm", "random", "aspl", "fsmg", "simac",
-         "purified_aspl"]
+ORDER = ["advdm", "antipure", "mist", "photoguard", "sds", "purified_advdm", "purification_gap", "random", "aspl",
+         "fsmg", "simac", "purified_aspl"]
 EPS8 = 8 / 255
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -116,7 +116,7 @@ def test_flags_mark_exactly_their_methods():
     assert [n for n, m in METHODS.items() if m.encoder] == ["mist", "photoguard"]
     assert [n for n, m in METHODS.items() if m.guided] == ["antipure"]
     assert [n for n, m in METHODS.items() if m.trains] == ["aspl", "fsmg", "simac", "purified_aspl"]
-    assert [n for n, m in METHODS.items() if m.purifies] == ["purified_advdm", "purified_aspl"]
+    assert [n for n, m in METHODS.items() if m.purifies] == ["purified_advdm", "purification_gap", "purified_aspl"]
 
 
 FLAGGED = {n for n, m in METHODS.items() if m.encoder or m.guided or m.purifies}
