@@ -74,7 +74,7 @@ def check_pixel_image(x: Tensor, name: str = "image") -> None:
 
 
 def ddpm_denoise(model, x_t: Tensor, t_start: int, generator: Optional[torch.Generator] = None,
-                 clip_denoised: bool = True, callback: Callback = None) -> Tensor:
+                 clip_denoised: bool = True, callback: Callback = None, common_noise: Optional[int] = None) -> Tensor:
     """Ancestral DDPM with the model's (learned) variance from timestep index ``t_start`` down to 0.
 
     Each step: x̂₀ from ε̂ (clipped to [-1, 1]), the posterior mean of
@@ -89,15 +89,37 @@ def ddpm_denoise(model, x_t: Tensor, t_start: int, generator: Optional[torch.Gen
         generator: CPU generator for the step noise.
         clip_denoised: clip x̂₀ to [-1, 1] (guided-diffusion's ``clip_denoised``).
         callback: after each step with ``i``, ``total``, ``t``.
+        common_noise: see :func:`shared_noise`.
 
     Returns:
         ``x_0`` ``(B, 3, H, W)`` in [-1, 1] space.
     """
     x = x_t
     for i, t in enumerate(range(int(t_start), -1, -1)):
-        x = ddpm_step(model, x, t, randn_like(x, generator) if t > 0 else None, clip_denoised)
+        x = ddpm_step(model, x, t, shared_noise(x, generator, common_noise) if t > 0 else None, clip_denoised)
         report(callback, i=i, total=t_start + 1, t=t)
     return x
+
+
+def shared_noise(x: Tensor, generator: Optional[torch.Generator], common_noise: Optional[int]) -> Tensor:
+    """Noise like ``x``; with ``common_noise = n``, image ``i`` gets the same noise as image ``i mod n``.
+
+    Common random numbers: purifying several sets of ``n`` images in one batch, image k of every set sees
+    the noise it would see alone, so two sets differ after purification only by what differed before.
+    """
+    if common_noise is None:
+        return randn_like(x, generator)
+    base = randn_like(x[:common_noise], generator)
+    return base.repeat(x.shape[0] // common_noise, *([1] * (x.dim() - 1)))
+
+
+def check_common_noise(common_noise: Optional[int], x: Tensor) -> None:
+    if common_noise is None:
+        return
+    check_int(common_noise, "common_noise", 1)
+    if x.shape[0] % common_noise:
+        raise ValueError(f"common_noise: the batch ({x.shape[0]} images) is not made of sets of {common_noise}; "
+                         f"give a multiple of {common_noise} images or common_noise=None")
 
 
 def ddpm_step(model, x: Tensor, t: int, noise: Optional[Tensor], clip_denoised: bool = True) -> Tensor:
@@ -116,7 +138,8 @@ def ddpm_step(model, x: Tensor, t: int, noise: Optional[Tensor], clip_denoised: 
 
 
 def pixel_diffpure(model, x: Tensor, t_star: int = 100, size: Optional[int] = None,
-                   generator: Optional[torch.Generator] = None, callback: Callback = None) -> Tensor:
+                   generator: Optional[torch.Generator] = None, callback: Callback = None,
+                   common_noise: Optional[int] = None) -> Tensor:
     """DiffPure on a pixel-space model: noise to ᾱ at index ``t_star - 1``, ``t_star`` DDPM steps back.
 
     Args:
@@ -128,6 +151,7 @@ def pixel_diffpure(model, x: Tensor, t_star: int = 100, size: Optional[int] = No
             ``None``: at the image's own resolution.
         generator: CPU generator for the forward and step noise (seed determinism across devices).
         callback: per DDPM step, see :func:`ddpm_denoise`.
+        common_noise: ``n``: image ``i`` gets image ``i mod n``'s noise (:func:`shared_noise`).
 
     Returns:
         ``(B, 3, H, W)`` in [0, 1].
@@ -137,11 +161,12 @@ def pixel_diffpure(model, x: Tensor, t_star: int = 100, size: Optional[int] = No
     check_int(t_star, "t_star", 1, model.num_timesteps)
     if size is not None:
         check_int(size, "size", MIN_SIDE)
-    return _diffpure(model, x, t_star, size, generator, callback)
+    check_common_noise(common_noise, x)
+    return _diffpure(model, x, t_star, size, generator, callback, common_noise)
 
 
 def _diffpure(model, x: Tensor, t_star: int, size: Optional[int], generator: Optional[torch.Generator],
-              callback: Callback) -> Tensor:
+              callback: Callback, common_noise: Optional[int] = None) -> Tensor:
     """:func:`pixel_diffpure` on trusted inputs: GrIDPure calls it per window, where checking each window again
     (``check_image`` synchronises with the device) would only repeat the check of the whole image."""
     with torch.no_grad():
@@ -150,8 +175,8 @@ def _diffpure(model, x: Tensor, t_star: int, size: Optional[int], generator: Opt
             xin = resample(xin, (size, size))
         z0 = model.encode(xin)
         t = torch.full((z0.shape[0],), t_star - 1, dtype=torch.long, device=z0.device)
-        z = ddpm_denoise(model, q_sample(model, z0, t, randn_like(z0, generator)), t_star - 1, generator,
-                         callback=callback)
+        z = ddpm_denoise(model, q_sample(model, z0, t, shared_noise(z0, generator, common_noise)), t_star - 1,
+                         generator, callback=callback, common_noise=common_noise)
         out = model.decode(z).clamp(0, 1)
         if size is not None:
             out = resample(out, tuple(x.shape[-2:]))
@@ -161,7 +186,7 @@ def _diffpure(model, x: Tensor, t_star: int, size: Optional[int], generator: Opt
 def pixel_gridpure(model, x: Tensor, t_star: int = GRIDPURE.t_star, window: int = GRIDPURE.window,
                    stride: int = GRIDPURE.stride, iterations: int = GRIDPURE.iterations, gamma: float = GRIDPURE.gamma,
                    rounds: int = GRIDPURE.rounds, generator: Optional[torch.Generator] = None,
-                   callback: Callback = None) -> Tensor:
+                   callback: Callback = None, common_noise: Optional[int] = None) -> Tensor:
     """GrIDPure on a pixel-space model, at the image's own resolution through windows (defaults: GrIDPure's own).
 
     ``rounds`` GrIDPure runs of ``iterations`` each: every iteration purifies
@@ -176,6 +201,7 @@ def pixel_gridpure(model, x: Tensor, t_star: int = GRIDPURE.t_star, window: int 
         generator: CPU generator for all noise, drawn window by window in order.
         callback: after every DDPM step with ``i``, ``total`` (all steps of all rounds), ``round``, ``t``;
             raising from it stops within one model call and returns nothing.
+        common_noise: ``n``: image ``i`` gets image ``i mod n``'s noise in every window (:func:`shared_noise`).
 
     Returns:
         ``(B, 3, H, W)`` in [0, 1].
@@ -183,6 +209,7 @@ def pixel_gridpure(model, x: Tensor, t_star: int = GRIDPURE.t_star, window: int 
     check_model(model)
     check_pixel_image(x)
     check_int(t_star, "t_star", 1, model.num_timesteps)
+    check_common_noise(common_noise, x)
     check_int(window, "window", MIN_SIDE)
     check_window_fits(tuple(x.shape[-2:]), window, "window")
     check_int(stride, "stride", 1, window)
@@ -201,6 +228,6 @@ def pixel_gridpure(model, x: Tensor, t_star: int = GRIDPURE.t_star, window: int 
     y = x.to(device=model.device, dtype=torch.float32)  # windows are cut where the model runs
     for r in range(rounds):
         # checked once above: each round and window runs unchecked
-        y = _gridpure(y, lambda tile: _diffpure(model, tile, t_star, None, generator, step), layout, iterations,
-                      gamma)
+        y = _gridpure(y, lambda tile: _diffpure(model, tile, t_star, None, generator, step, common_noise), layout,
+                      iterations, gamma)
     return y.to(device=x.device, dtype=x.dtype)

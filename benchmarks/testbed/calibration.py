@@ -76,24 +76,24 @@ def calibrate(adm, photos: Tensor, s: Settings | None = None, eta: float = 8 / 2
     return out
 
 
-def held_out_photos(n: int = 4) -> Tensor:
+def held_out_photos(n: int = 4, scale: float = 1.0) -> Tensor:
     """The protected photos 1..n of every held-out subject, ``(3 n, 3, 64, 64)``."""
-    return torch.cat([subject_views(name, n=n) for name in SUBJECTS])
+    return torch.cat([subject_views(name, n=n, scale=scale) for name in SUBJECTS])
 
 
 def main(argv=None) -> dict:
-    from .purifier import CalibratedPurifierConfig, PurifierConfig, build_purifier
+    from .purifier import CalibratedPurifierConfig, PurifierConfig, UnknownPurifierConfig, build_purifier
     from .train import MODELS_DIR
 
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--purifier", default="v2", help="v2 (testbed v2's purifier) or v3")
+    ap.add_argument("--purifier", default="v2", help="v2 (testbed v2's purifier), v3 or v3-unknown")
     ap.add_argument("--photos", type=int, default=4, help="photos per held-out subject (default 4)")
     a = ap.parse_args(argv)
     torch.set_num_threads(1)
-    cfg = {"v2": PurifierConfig(), "v3": CalibratedPurifierConfig()}[a.purifier]
+    cfg = {"v2": PurifierConfig(), "v3": CalibratedPurifierConfig(), "v3-unknown": UnknownPurifierConfig()}[a.purifier]
     adm, info = build_purifier(cfg, MODELS_DIR, verbose=True)  # trains (and caches) v3 if it is not committed
     t0 = time.perf_counter()
-    out = calibrate(adm, held_out_photos(a.photos))
+    out = calibrate(adm, held_out_photos(a.photos, cfg.data_scale))
     out["seconds"] = round(time.perf_counter() - t0, 1)
     print(json.dumps({"purifier": a.purifier, **out}), flush=True)
     return out

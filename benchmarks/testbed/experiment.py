@@ -41,7 +41,7 @@ from antipure_core.customize import customize
 from antipure_core.frequency import FrequencyGuidance
 from antipure_core.lora import add_lora, remove_lora
 from antipure_core.metrics import grid_artifact_score, high_frequency_ratio, psnr
-from antipure_core.protect import protect
+from antipure_core.protect import evaluate_objective, protect
 from antipure_core.purified_attack import PurifiedSettings
 from antipure_core.purify import diffpure
 from antipure_core.purify_filters import jpeg, noisy_upscale
@@ -153,46 +153,84 @@ def objective_log(log: list) -> Callable:
     return lambda info: log.append(float(info["objective"])) if "objective" in info else None
 
 
-def protect_photos(name: str, ldm, adm, photos: Tensor, set_a: Tensor, cond, s: Settings, seed: int,
-                   variants: Optional[dict[str, Variant]] = None, objectives: Optional[list] = None) -> Tensor:
-    """The protected ``photos`` for method ``name`` (the clean photos for ``none``), or for a named variant.
+def attack_call(name: str, ldm, adm, cond, s: Settings, variants: Optional[dict[str, Variant]] = None
+                ) -> Optional[tuple[object, object, dict]]:
+    """:func:`protect`'s model, conditioning and keyword arguments (but the budget) for method ``name``.
 
-    ``objectives``: for purified_advdm, receives the objective of every PGD step."""
+    ``None`` for ``none`` (the clean photos). ASPL/SimAC get AdvDM's call on the LDM they fine-tune, the
+    objective their surrogate loop maximises (:func:`protect_photos` runs their loop)."""
     if variants and name in variants:
         base, overrides = variants[name]
         name, s = base, replace(s, **overrides)
     spec = METHODS[name]
     if spec is None:
-        return photos.clone()
+        return None
     target, kw = spec[0], dict(spec[1])
     if kw["method"] in ("aspl", "simac"):
-        params = add_lora(ldm.unet, rank=s.surrogate_rank, generator=torch.Generator().manual_seed(seed))
-        try:
-            cfg = SurrogateSettings(train_steps=s.surrogate_train_steps, attack_steps=s.surrogate_attack_steps,
-                                    lr=s.surrogate_lr, batch_size=s.lora_batch, feature_weight=0.0)
-            return protect_surrogate(ldm, photos, cond, params, method=kw["method"], eta=s.eta, alpha=alpha(s),
-                                     steps=s.pgd_steps, seed=seed, settings=cfg, train_images=set_a)
-        finally:
-            remove_lora(ldm.unet)
-            ldm.requires_grad_(False)
+        return ldm, cond, {"method": "advdm"}
     if target == "purified":
-        opts = {"purification": purified_settings(kw.pop("route"), s), "pixel_model": adm}
-        return protect(ldm, photos, cond, eta=s.eta, alpha=alpha(s), steps=s.pgd_steps, seed=seed, options=opts,
-                       callback=None if objectives is None else objective_log(objectives), **kw)
+        kw["options"] = {"purification": purified_settings(kw.pop("route"), s), "pixel_model": adm}
+        return ldm, cond, kw
     if target == "purifier":
         # a zero weight means the term is off, as in the noPFG / noETG entries
         kw.setdefault("frequency", FrequencyGuidance(weight=s.pfg_weight, patch_size=s.pfg_patch)
                       if s.pfg_weight else None)
         kw.setdefault("timestep", TimestepGuidance(weight=s.etg_weight, rule=s.etg_rule) if s.etg_weight else None)
-        return protect(adm, photos, None, eta=s.eta, alpha=alpha(s), steps=s.pgd_steps, seed=seed,
-                       t_purify=s.t_purify, window=s.window, stride=s.stride, window_mode=s.window_mode, **kw)
-    return protect(ldm, photos, cond, eta=s.eta, alpha=alpha(s), steps=s.pgd_steps, seed=seed, **kw)
+        kw.update(t_purify=s.t_purify, window=s.window, stride=s.stride, window_mode=s.window_mode)
+        return adm, None, kw
+    return ldm, cond, kw
 
 
-def _gridpure_2x20(adm, x: Tensor, s: Settings, seed: int) -> Tensor:
+def protect_photos(name: str, ldm, adm, photos: Tensor, set_a: Tensor, cond, s: Settings, seed: int,
+                   variants: Optional[dict[str, Variant]] = None, objectives: Optional[list] = None) -> Tensor:
+    """The protected ``photos`` for method ``name`` (the clean photos for ``none``), or for a named variant.
+
+    ``objectives``: receives the objective of every PGD step (methods run by :func:`protect`)."""
+    call = attack_call(name, ldm, adm, cond, s, variants)
+    if call is None:
+        return photos.clone()
+    if variants and name in variants:
+        s = replace(s, **variants[name][1])
+    model, c, kw = call
+    method = METHODS[variants[name][0] if variants and name in variants else name][1]["method"]
+    if method in ("aspl", "simac"):
+        params = add_lora(ldm.unet, rank=s.surrogate_rank, generator=torch.Generator().manual_seed(seed))
+        try:
+            cfg = SurrogateSettings(train_steps=s.surrogate_train_steps, attack_steps=s.surrogate_attack_steps,
+                                    lr=s.surrogate_lr, batch_size=s.lora_batch, feature_weight=0.0)
+            return protect_surrogate(ldm, photos, cond, params, method=method, eta=s.eta, alpha=alpha(s),
+                                     steps=s.pgd_steps, seed=seed, settings=cfg, train_images=set_a)
+        finally:
+            remove_lora(ldm.unet)
+            ldm.requires_grad_(False)
+    return protect(model, photos, c, eta=s.eta, alpha=alpha(s), steps=s.pgd_steps, seed=seed,
+                   callback=None if objectives is None else objective_log(objectives), **kw)
+
+
+def method_objective(name: str, ldm, adm, photos: Tensor, protected: Tensor, cond, s: Settings, seed: int,
+                     samples: int = 4, variants: Optional[dict[str, Variant]] = None) -> dict[str, float]:
+    """Each term of ``name``'s own objective on the clean and on the protected photos, at the same seeded draws
+    (``<term>_clean`` / ``<term>_protected``); ``{}`` for a method without one (none, random)."""
+    call = attack_call(name, ldm, adm, cond, s, variants)
+    if call is None or call[2]["method"] == "random":
+        return {}
+    model, c, kw = call
+    out = {}
+    for tag, x in (("clean", photos), ("protected", protected)):
+        terms = evaluate_objective(model, x, photos, c, seed=seed + 77, samples=samples, **kw)
+        out.update({f"{k}_{tag}": v for k, v in terms.items()})
+    return out
+
+
+def _gridpure_2x20(adm, x: Tensor, s: Settings, seed: int, crn: Optional[int] = None) -> Tensor:
     return pixel_gridpure(adm, x, t_star=s.gridpure_t_star, window=s.window, stride=s.stride,
                           iterations=s.gridpure_iterations, gamma=s.gridpure_gamma,
-                          generator=torch.Generator().manual_seed(seed))
+                          generator=torch.Generator().manual_seed(seed), common_noise=crn)
+
+
+def _per_set(x: Tensor, crn: Optional[int], purify: Callable[[Tensor], Tensor]) -> Tensor:
+    """``purify`` (which seeds its own generator) on each set of ``crn`` images, or on the whole batch."""
+    return torch.cat([purify(part) for part in x.split(crn)]) if crn else purify(x)
 
 
 def purify_all(x: Tensor, ldm, adm, s: Settings, seed: int, log: Callable = print,
@@ -200,15 +238,13 @@ def purify_all(x: Tensor, ldm, adm, s: Settings, seed: int, log: Callable = prin
     """Every purifier on the batch ``x``; ``gridpure@k`` after k iterations, ``gridpure`` = all of them.
 
     ``unknown``: the second pixel purifier, for the ``gridpure-unknown`` column. With ``s.common_noise``,
-    ``x`` is purified in sets of ``s.num_photos`` images, each with the same noise (``seed``): image k of
-    every set sees the same purifier noise.
+    ``x`` is made of sets of ``s.num_photos`` images that all get the same noise (``seed``): image k of
+    every set sees the same purifier noise (the pixel purifiers draw it once per batch, the others run per set).
     """
-    if s.common_noise and x.shape[0] > s.num_photos:
-        if x.shape[0] % s.num_photos:
-            raise ValueError(f"common_noise: the batch ({x.shape[0]} images) is not made of sets of "
-                             f"num_photos = {s.num_photos}")
-        parts = [purify_all(part, ldm, adm, s, seed, log, unknown) for part in x.split(s.num_photos)]
-        return {col: torch.cat([p[col] for p in parts]) for col in parts[0]}
+    crn = s.num_photos if s.common_noise else None
+    if crn and x.shape[0] % crn:
+        raise ValueError(f"common_noise: the batch ({x.shape[0]} images) is not made of sets of "
+                         f"num_photos = {crn}")
     out = {"none": x}
     if "gridpure" in s.purifiers or "gridpure+jpeg" in s.purifiers:
         g, y, t0 = torch.Generator().manual_seed(seed), x, time.perf_counter()
@@ -216,28 +252,29 @@ def purify_all(x: Tensor, ldm, adm, s: Settings, seed: int, log: Callable = prin
         done = 0
         for k in steps:  # GrIDPure's rounds continue from the previous output, so snapshots are exact
             y = pixel_gridpure(adm, y, t_star=s.gridpure_t_star, window=s.window, stride=s.stride,
-                               iterations=k - done, gamma=s.gridpure_gamma, generator=g)
+                               iterations=k - done, gamma=s.gridpure_gamma, generator=g, common_noise=crn)
             out[f"gridpure@{k}"], done = y, k
         out["gridpure"] = y
         log(f"    gridpure x{s.gridpure_iterations} on {x.shape[0]} images: {time.perf_counter() - t0:.0f}s")
     if "diffpure" in s.purifiers:
         out["diffpure"] = pixel_diffpure(adm, x, t_star=s.diffpure_t_star, size=s.diffpure_size,
-                                         generator=torch.Generator().manual_seed(seed + 1))
+                                         generator=torch.Generator().manual_seed(seed + 1), common_noise=crn)
     if "sdedit-ldm" in s.purifiers:
-        out["sdedit-ldm"] = diffpure(ldm, x, ldm.tokens("null"), t_star=s.sdedit_t_star, steps=s.sdedit_steps,
-                                     generator=torch.Generator().manual_seed(seed + 2))
+        out["sdedit-ldm"] = _per_set(x, crn, lambda p: diffpure(
+            ldm, p, ldm.tokens("null"), t_star=s.sdedit_t_star, steps=s.sdedit_steps,
+            generator=torch.Generator().manual_seed(seed + 2)))
     if "jpeg" in s.purifiers:
         out["jpeg"] = jpeg(x, s.jpeg_quality)
     if "noisy_upscale" in s.purifiers:
-        out["noisy_upscale"] = noisy_upscale(x, s.upscale_sigma, s.upscale_scale,
-                                             generator=torch.Generator().manual_seed(seed + 3))
+        out["noisy_upscale"] = _per_set(x, crn, lambda p: noisy_upscale(
+            p, s.upscale_sigma, s.upscale_scale, generator=torch.Generator().manual_seed(seed + 3)))
     if "gridpure+jpeg" in s.purifiers:
         out["gridpure+jpeg"] = jpeg(out["gridpure"], s.jpeg_quality)
     if "gridpure-unknown" in s.purifiers:
         if unknown is None:
             raise ValueError("gridpure-unknown: pass the second purifier as unknown=")
         t0 = time.perf_counter()
-        out["gridpure-unknown"] = _gridpure_2x20(unknown, x, s, seed + 4)
+        out["gridpure-unknown"] = _gridpure_2x20(unknown, x, s, seed + 4, crn)
         log(f"    gridpure-unknown x{s.gridpure_iterations} on {x.shape[0]} images: {time.perf_counter() - t0:.0f}s")
     return out
 

@@ -102,10 +102,9 @@ class CalibratedPurifierConfig(PurifierConfig):
 
 @dataclass(frozen=True)
 class UnknownPurifierConfig(CalibratedPurifierConfig):
-    """The purifier no method attacks: twice the width (4x the parameters, other weights), 2/3 of the steps."""
+    """The purifier no method attacks: the calibrated recipe with another training seed (other weights)."""
 
-    steps: int = 2000
-    model_channels: int = 16
+    seed: int = 1
 
 
 def _normal_kl(mean1, logvar1, mean2, logvar2):

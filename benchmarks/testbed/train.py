@@ -24,7 +24,7 @@ from torch.nn import functional as F
 
 from antipure_core.diffusion import q_sample, randn_like, sample_timesteps
 
-from .data import TRAIN_SOURCES, training_crops
+from .data import SUBJECTS, TRAIN_SOURCES, subject_views, training_crops
 from .model import CLASS_TOKENS, NUM_CLASS_TOKENS, TinyLDM
 from .weights import load_cached, save_cached, weights_path
 
@@ -63,6 +63,14 @@ class TrainConfig:
 def load_training_set(cfg: "TrainConfig") -> tuple[torch.Tensor, torch.Tensor]:
     """Training crops ``(N, 3, size, size)`` and their source indices ``(N,)`` (the identity tokens)."""
     return training_crops(cfg.crops, cfg.size, generator=torch.Generator().manual_seed(cfg.seed + 11))
+
+
+def heldout_vae_psnr(model: TinyLDM, scale: float = 1.0) -> float:
+    """PSNR (dB) of the VAE round trip on the held-out subjects' 8 views each (never seen in training)."""
+    x = torch.cat([subject_views(name, n=8, scale=scale) for name in SUBJECTS])
+    with torch.no_grad():
+        recon = model.decode(model.encode(x)).clamp(0, 1)
+    return round(float(-10 * torch.log10(F.mse_loss(recon, x))), 2)
 
 
 def _log(msg: str, verbose: bool) -> None:
@@ -173,6 +181,8 @@ def build_model(cfg: TrainConfig, cache_dir: Path | str | None = MODELS_DIR, ver
     t0 = time.perf_counter()
     info = train_vae(model, x, cfg, verbose)
     info["vae_seconds"] = round(time.perf_counter() - t0, 1)
+    info["vae_heldout_db"] = heldout_vae_psnr(model)
+    _log(f"  vae: {info}", verbose)
     t1 = time.perf_counter()
     info.update(train_unet(model, x, labels, cfg, verbose))
     info["unet_seconds"] = round(time.perf_counter() - t1, 1)

@@ -152,3 +152,23 @@ def test_small_or_bad_images_are_refused(model):
         pixel_diffpure(model, torch.full((1, 3, 16, 16), float("nan")))
     with pytest.raises(ValueError, match="size"):
         pixel_diffpure(model, torch.rand(1, 3, 16, 16), size=4)
+
+
+@pytest.mark.parametrize("purify", ["gridpure", "diffpure"])
+def test_common_noise_gives_every_set_the_noise_it_would_get_alone(model, purify):
+    """Common random numbers: sets of n images in one batch each see the noise one set sees alone."""
+    x = torch.rand(2, 3, 48, 48, generator=gen(3))
+    other = (x + 0.1).clamp(0, 1)
+
+    def run(batch, **kw):
+        if purify == "gridpure":
+            return pixel_gridpure(model, batch, t_star=3, window=32, stride=16, iterations=2, generator=gen(5), **kw)
+        return pixel_diffpure(model, batch, t_star=4, generator=gen(5), **kw)
+
+    alone = run(x)
+    both = run(torch.cat([x, other, x]), common_noise=2)
+    torch.testing.assert_close(both[:2], alone)
+    torch.testing.assert_close(both[4:], alone)  # the same images with the same noise: the same output
+    assert not torch.equal(run(torch.cat([x, x]))[:2], run(torch.cat([x, x]))[2:])  # without it, fresh noise
+    with pytest.raises(ValueError, match="common_noise: the batch \\(3 images\\)"):
+        run(torch.cat([x, x[:1]]), common_noise=2)

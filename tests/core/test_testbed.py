@@ -225,19 +225,23 @@ def test_common_noise_purifies_every_set_with_the_same_noise(ldm, adm):
         experiment.purify_all(torch.cat([x, x[:1]]), ldm, adm, s, seed=3, log=lambda *_: None)
 
 
-def test_committed_v3_purifier_is_its_configs_own():
-    """Testbed v3's calibrated purifier is committed under its config's key; v2's config key is unchanged."""
-    from benchmarks.testbed.purifier import CalibratedPurifierConfig, build_purifier, denoise_psnr
+@pytest.mark.parametrize("config", ["CalibratedPurifierConfig", "UnknownPurifierConfig"])
+def test_committed_v3_purifiers_are_their_configs_own(config):
+    """Testbed v3's calibrated and unknown purifiers are committed under their configs' keys; v2's key is unchanged."""
+    from benchmarks.testbed import purifier
     from benchmarks.testbed.train import MODELS_DIR
-    from benchmarks.testbed.weights import config_key
+    from benchmarks.testbed.weights import config_key, weights_path
 
     assert config_key(PurifierConfig()) == "94be56a636"  # v2's committed weights still load
-    cfg = CalibratedPurifierConfig()
+    cfg = getattr(purifier, config)()
     assert config_key(cfg) != config_key(PurifierConfig())
-    adm, info = build_purifier(cfg, MODELS_DIR, verbose=False)
-    assert info["cached"], "retrain: python -m benchmarks.testbed.calibration --purifier v3, then commit models/"
+    # checked before loading: a missing file would make build_purifier train for minutes
+    path = weights_path(MODELS_DIR, f"purifier-adm-{cfg.size}px", cfg)
+    assert path.exists(), f"retrain: python -m benchmarks.testbed.calibration --purifier v3, then commit {path.name}"
+    adm, info = purifier.build_purifier(cfg, MODELS_DIR, verbose=False)
+    assert info["cached"]
     assert info["config"] == json.loads(json.dumps(asdict(cfg)))  # tuples come back from JSON as lists
-    got = denoise_psnr(adm, n=16)
+    got = purifier.denoise_psnr(adm, n=16, scale=cfg.data_scale)
     assert got["denoised_db"] > got["noisy_db"] + 2
 
 
