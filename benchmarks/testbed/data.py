@@ -96,14 +96,16 @@ def training_crops(n: int, size: int = 64, generator: torch.Generator | None = N
     return out, torch.tensor([labels[j] for j in which.tolist()])
 
 
-def subject_views(subject: str, size: int = 64, n: int = 4, scale: float = 1.0) -> Tensor:
+def subject_views(subject: str, size: int = 64, n: int = 4, scale: float = 1.0,
+                  shift: tuple[float, float] = (0.0, 0.0)) -> Tensor:
     """``n`` "photos" ``(n, 3, size, size)`` of held-out ``subject``: zoomed/shifted crops, odd ones flipped.
 
-    ``scale`` multiplies the subject's short side: the views show a smaller part of it, in more detail."""
+    ``scale`` multiplies the subject's short side: the views show a smaller part of it, in more detail.
+    ``shift`` moves the centre (fractions of the photo's height and width): another part of the subject."""
     if subject not in SUBJECTS:
         raise ValueError(f"subject: unknown {subject!r}; available: {', '.join(SUBJECTS)}")
     short, (cy, cx) = SUBJECTS[subject]
-    short = short * scale
+    short, cy, cx = short * scale, cy + shift[0], cx + shift[1]
     img = _photo(subject)[None]
     h, w = img.shape[-2:]
     views = []

@@ -70,6 +70,8 @@ V2_METHODS = tuple(METHODS)
 PURIFIED_ROUTES = ("one_step", "k_step", "full")
 METHODS.update({f"purified_advdm-{r}": ("purified", {"method": "purified_advdm", "route": r})
                 for r in PURIFIED_ROUTES})
+#: the oracle on the purifier: ‖P(x′) − x′‖² through GrIDPure's full chain on a window (purification_gap)
+METHODS["oracle"] = ("purified", {"method": "purification_gap", "route": "full"})
 #: the attacker's purifiers; ``gridpure@k`` are the snapshots after k of GrIDPure's 40 iterations
 PURIFIERS = ("none", "gridpure", "diffpure", "sdedit-ldm")
 #: columns no method attacks (but purified_advdm's GrIDPure): the issue-27 transfer test; run with --purifiers
@@ -89,6 +91,8 @@ class Settings:
     t_purify: int = 10
     pfg_weight: float = 0.5
     pfg_patch: int = 8
+    #: λ₁ set each PGD step so PFG carries this share of the gradient (:class:`FrequencyGuidance`); None: λ₁ fixed
+    pfg_share: Optional[float] = None
     etg_weight: float = 0.5
     etg_rule: str = "offset"
     window: int = 32
@@ -148,9 +152,15 @@ def purified_settings(route: str, s: Settings) -> PurifiedSettings:
                             windows=s.purified_windows)
 
 
-def objective_log(log: list) -> Callable:
-    """A :func:`protect` callback that appends each PGD step's ``objective`` (the method's own loss) to ``log``."""
-    return lambda info: log.append(float(info["objective"])) if "objective" in info else None
+def objective_log(log: list, lambdas: Optional[list] = None) -> Callable:
+    """A :func:`protect` callback that appends each PGD step's ``objective`` (the method's own loss) to ``log``
+    and, with ``lambdas``, the λ₁ a PFG share set (``pfg_lambda``)."""
+    def record(info):
+        if "objective" in info:
+            log.append(float(info["objective"]))
+        if lambdas is not None and "pfg_lambda" in info:
+            lambdas.append(float(info["pfg_lambda"]))
+    return record
 
 
 def attack_call(name: str, ldm, adm, cond, s: Settings, variants: Optional[dict[str, Variant]] = None
@@ -173,7 +183,7 @@ def attack_call(name: str, ldm, adm, cond, s: Settings, variants: Optional[dict[
         return ldm, cond, kw
     if target == "purifier":
         # a zero weight means the term is off, as in the noPFG / noETG entries
-        kw.setdefault("frequency", FrequencyGuidance(weight=s.pfg_weight, patch_size=s.pfg_patch)
+        kw.setdefault("frequency", FrequencyGuidance(weight=s.pfg_weight, patch_size=s.pfg_patch, share=s.pfg_share)
                       if s.pfg_weight else None)
         kw.setdefault("timestep", TimestepGuidance(weight=s.etg_weight, rule=s.etg_rule) if s.etg_weight else None)
         kw.update(t_purify=s.t_purify, window=s.window, stride=s.stride, window_mode=s.window_mode)
@@ -182,7 +192,8 @@ def attack_call(name: str, ldm, adm, cond, s: Settings, variants: Optional[dict[
 
 
 def protect_photos(name: str, ldm, adm, photos: Tensor, set_a: Tensor, cond, s: Settings, seed: int,
-                   variants: Optional[dict[str, Variant]] = None, objectives: Optional[list] = None) -> Tensor:
+                   variants: Optional[dict[str, Variant]] = None, objectives: Optional[list] = None,
+                   lambdas: Optional[list] = None) -> Tensor:
     """The protected ``photos`` for method ``name`` (the clean photos for ``none``), or for a named variant.
 
     ``objectives``: receives the objective of every PGD step (methods run by :func:`protect`)."""
@@ -204,7 +215,7 @@ def protect_photos(name: str, ldm, adm, photos: Tensor, set_a: Tensor, cond, s: 
             remove_lora(ldm.unet)
             ldm.requires_grad_(False)
     return protect(model, photos, c, eta=s.eta, alpha=alpha(s), steps=s.pgd_steps, seed=seed,
-                   callback=None if objectives is None else objective_log(objectives), **kw)
+                   callback=None if objectives is None else objective_log(objectives, lambdas), **kw)
 
 
 def method_objective(name: str, ldm, adm, photos: Tensor, protected: Tensor, cond, s: Settings, seed: int,
