@@ -38,7 +38,9 @@ class AntiPureProtect(io.ComfyNode):
                                        "noise), aspl / fsmg (Anti-DreamBooth), simac (these three fine-tune a "
                                        "surrogate of the MODEL: surrogate_settings); purified_advdm / purified_aspl: "
                                        "AdvDM / ASPL on the MODEL + VAE through the attacker's purifiers "
-                                       "(purified_settings; GrIDPure and DiffPure on the pixel purifier)."),
+                                       "(purified_settings; GrIDPure and DiffPure on the pixel purifier); "
+                                       "purification_gap: the oracle on the pixel purifier, ‖P(x′) − x′‖² "
+                                       "through its chain (a research upper bound, not a protection)."),
                 io.Float.Input("eta", default=8.0, min=0.5, max=255.0, step=0.5,  # eta 0 is no budget
                                tooltip="L∞ budget η in /255 units (8 = 8/255). Every pixel stays within η."),
                 io.Int.Input("steps", default=100, min=0, max=10000,
