@@ -69,6 +69,25 @@ def effect_table(rows, eta: int, col: str, methods) -> str:
     return markdown_table(table)
 
 
+def glance_table(rows, eta: int, metric: str, methods, cols) -> str:
+    """``metric``'s mean per method and column; ``*`` marks an interval above 0, ``(−)`` one below 0."""
+    table = []
+    for m in methods:
+        if m == "none":
+            continue
+        entry = {"method": m}
+        for col in cols:
+            v = values(rows, eta, m, col, metric)
+            if not v:
+                entry[col] = ""
+                continue
+            iv = t_interval(v.values())
+            mark = {"> 0": "*", "< 0": " (−)"}.get(resolved(iv), "")
+            entry[col] = f"{iv['mean']:+.3f}{mark}"
+        table.append(entry)
+    return markdown_table(table)
+
+
 def versus_best(rows, eta: int, col: str, baselines) -> str:
     table = []
     for metric in ("sample_gain", "subject_drop"):
@@ -159,6 +178,10 @@ def write_report(out_dir: Path, tag: str, recs: list[dict], s: Settings, meta: d
              f"({cpu / max(n, 1):.0f} s a unit); {meta['machine']}.", "",
              __doc__.split("\n\n", 1)[1].strip(), ""]
     lines += calibration_section(recs, meta)
+    lines += ["## At a glance", ""]
+    for metric in ("sample_gain", "subject_drop"):
+        lines += [f"**{metric}** by attacker column (mean over units; `*`: the 95 % paired interval is above 0, "
+                  "`(−)`: below 0; details below):", "", glance_table(rows, eta, metric, methods, cols), ""]
     lines += ["## Effects on the customized model, by attacker column", "",
               "Each cell: mean over units [95 % paired t interval] and whether it excludes 0. "
               + " ".join(f"**{k}**: {v}." for k, v in EFFECTS.items()) + " Survival: RMSE (1/255) between the "
