@@ -261,10 +261,16 @@ def main(argv=None) -> list[Path]:
     if not recs:
         raise SystemExit(f"no finished units in {units_dir} for these settings; run without --report-only")
     ldm, _ = build_model(TrainConfig(), MODELS_DIR, verbose=False)
-    meta = {"command": "python -m benchmarks.testbed.v3" + (" --quick" if a.quick else ""),
-            "wall_s": None if a.report_only else round(time.perf_counter() - t0),
+    # the last full invocation's wall time and machine, kept beside the units for --report-only
+    run_path = units_dir / f"run-{key}.json"
+    if not a.report_only:
+        run_path.write_text(json.dumps({
+            "wall_s": round(time.perf_counter() - t0),
             "machine": f"{platform.machine()}, torch {torch.__version__}, {a.workers} worker(s) x 1 thread, "
-                       f"{os.cpu_count()} cores",
+                       f"{os.cpu_count()} cores"}))
+    run = json.loads(run_path.read_text()) if run_path.exists() else {"wall_s": None, "machine": "?"}
+    meta = {"command": "python -m benchmarks.testbed.v3" + (" --quick" if a.quick else ""),
+            "wall_s": run["wall_s"], "machine": run["machine"],
             "vae_heldout_db": heldout_vae_psnr(ldm, V3_SCALE), "unknown": a.purifier_weights or "seed-1 (committed)",
             "calibration": calib}
     return write_report(a.out, tag, [recs[u] for u in sorted(recs)], s, meta)

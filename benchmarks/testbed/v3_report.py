@@ -174,7 +174,7 @@ def write_report(out_dir: Path, tag: str, recs: list[dict], s: Settings, meta: d
     lines = [f"# Testbed v3: {tag}", "",
              f"`{meta['command']}` — {n} units ({units}), "
              f"η = {eta}/255, {s.pgd_steps} PGD steps, common random numbers in every purifier. "
-             f"Wall time {meta['wall_s']} s this invocation; {cpu:.0f} CPU s in the units "
+             f"Wall time {meta['wall_s']} s (the last invocation that ran units); {cpu:.0f} CPU s in the units "
              f"({cpu / max(n, 1):.0f} s a unit); {meta['machine']}.", "",
              __doc__.split("\n\n", 1)[1].strip(), ""]
     lines += calibration_section(recs, meta)
