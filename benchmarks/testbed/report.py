@@ -113,15 +113,20 @@ def curve_table(agg, eta: int, metric: str = "subject_sim") -> str:
     return markdown_table(table, "method")
 
 
-def write_results(out_dir: Path, tag: str, rows: list[dict], s: Settings, meta: dict, etas) -> list[Path]:
-    """``{tag}.csv`` (one line per subject and cell), ``{tag}.md`` (tables, comparisons, settings)."""
-    out_dir.mkdir(parents=True, exist_ok=True)
-    csv_path, md_path = out_dir / f"{tag}.csv", out_dir / f"{tag}.md"
+def write_csv(path: Path, rows: list[dict]) -> Path:
+    """``rows`` as CSV, one column per key any row has (in first-seen order)."""
     fields = list(dict.fromkeys(k for r in rows for k in r))
-    with csv_path.open("w", newline="") as f:
+    with path.open("w", newline="") as f:
         w = csv.DictWriter(f, fieldnames=fields)
         w.writeheader()
         w.writerows(rows)
+    return path
+
+
+def write_results(out_dir: Path, tag: str, rows: list[dict], s: Settings, meta: dict, etas) -> list[Path]:
+    """``{tag}.csv`` (one line per subject and cell), ``{tag}.md`` (tables, comparisons, settings)."""
+    out_dir.mkdir(parents=True, exist_ok=True)
+    csv_path, md_path = write_csv(out_dir / f"{tag}.csv", rows), out_dir / f"{tag}.md"
     agg = aggregate(rows)
     subjects = sorted({r["subject"] for r in rows})
     lines = [f"# Testbed v2 results: {tag}", "",

@@ -9,7 +9,6 @@ mean difference has the interval's sign.
 """
 from __future__ import annotations
 
-import csv
 import json
 import math
 from dataclasses import asdict
@@ -19,7 +18,7 @@ from antipure_core.metrics import markdown_table
 
 from .experiment import CURVE, Settings
 from .paired import fmt_iv, paired, question_tables, resolved, t_interval, values
-from .report import aggregate, curve_figure
+from .report import aggregate, curve_figure, write_csv
 
 #: effect scores of the customized model (higher = stronger protection), and what each one is
 EFFECTS = {
@@ -159,12 +158,7 @@ def write_report(out_dir: Path, tag: str, recs: list[dict], s: Settings, meta: d
     """``{tag}.md``, ``{tag}.csv`` (one line per unit and cell) and ``{tag}_survival.png``."""
     rows = [r for rec in recs for r in rec["rows"]]
     eta = round(s.eta * 255)
-    csv_path, md_path = out_dir / f"{tag}.csv", out_dir / f"{tag}.md"
-    fields = list(dict.fromkeys(k for r in rows for k in r))
-    with csv_path.open("w", newline="") as f:
-        w = csv.DictWriter(f, fieldnames=fields)
-        w.writeheader()
-        w.writerows(rows)
+    csv_path, md_path = write_csv(out_dir / f"{tag}.csv", rows), out_dir / f"{tag}.md"
     methods = list(dict.fromkeys(r["method"] for r in rows))
     baselines = [m for m in ("random", "advdm", "mist", "photoguard", "sds", "aspl", "simac") if m in methods]
     cols = list(dict.fromkeys(r["purifier"] for r in rows if not r["purifier"].startswith("gridpure@")))
