@@ -225,11 +225,13 @@ def curve_figure(agg: list[dict], eta: int, methods, path: Path, metric: str = "
     for i, k in enumerate(CURVE):
         d.text((X(i) - 8, h - pad + 6), f"{k}", fill="black")
     d.text((w // 2 - 60, h - 20), "GrIDPure iterations", fill="black")
-    d.text((4, 8), f"{metric} (eta = {eta}/255; lower = stronger protection)", fill="black")
+    higher = next((h for m, _, h in METRIC_DOC if m == metric), False)
+    d.text((4, 8), f"{metric} (eta = {eta}/255; {'higher' if higher else 'lower'} = stronger protection)",
+           fill="black")
     d.text((4, pad - 14), f"{hi:.3f}", fill="black")
     d.text((4, h - pad - 8), f"{lo:.3f}", fill="black")
     palette = ["#000000", "#1f77b4", "#ff7f0e", "#2ca02c", "#d62728", "#9467bd", "#8c564b", "#e377c2", "#7f7f7f",
-               "#bcbd22", "#17becf"]
+               "#bcbd22", "#17becf", "#aec7e8", "#98df8a"]
     for j, (m, pts) in enumerate(series.items()):
         c = palette[j % len(palette)]
         width = 3 if m == "antipure" else 1
