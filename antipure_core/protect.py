@@ -141,7 +141,9 @@ def term_gradients(model, x_adv: Tensor, x: Tensor, cond: Any, method: str = "an
     Returns:
         ``{"terms": {name: {"norm", "share", "sign_agreement"}}, "total_norm": float}``: ``norm`` the
         gradient's L2 norm; ``share`` that norm over the sum of the terms' norms; ``sign_agreement`` the
-        fraction of pixel values where the term's gradient has the sign of the total's.
+        fraction of pixel values where the term's gradient has the sign of the total's; ``cosine_to_rest``
+        the cosine between the term's gradient and the other terms' sum (0 where either is 0; with two
+        terms, how much they pull the same way).
     """
     m, ctx, xap, size = _evaluation(model, x_adv, x, cond, method, seed, samples, frequency, timestep, t_range,
                                     t_purify, window, stride, window_mode, options)
@@ -153,8 +155,14 @@ def term_gradients(model, x_adv: Tensor, x: Tensor, cond: Any, method: str = "an
     norms = {k: float(g.norm()) for k, g in grads.items()}
     denom = sum(norms.values())
     terms = {k: {"norm": norms[k], "share": norms[k] / denom if denom > 0 else 0.0,
-                 "sign_agreement": float((g.sign() == total.sign()).float().mean())} for k, g in grads.items()}
+                 "sign_agreement": float((g.sign() == total.sign()).float().mean()),
+                 "cosine_to_rest": _cosine(g, total - g)} for k, g in grads.items()}
     return {"terms": terms, "total_norm": float(total.norm())}
+
+
+def _cosine(a: Tensor, b: Tensor) -> float:
+    n = float(a.norm() * b.norm())
+    return float((a * b).sum()) / n if n > 0 else 0.0
 
 
 def _evaluation(model, x_adv: Tensor, x: Tensor, cond: Any, method: str, seed: int, samples: int,

@@ -244,20 +244,24 @@ def purified_parts(ctx, x_adv: Tensor, z: Tensor, loss: Callable[[Any, Tensor, T
     """``loss`` on ``x'`` (weight ``1 − w``), then on a drawn purifier's output of ``x'`` (weight ``w``), as parts.
 
     ``loss(ctx, image, model.encode(image)) -> dict`` is the customization model's loss (AdvDM's). The plain part
-    keeps ``loss``'s term names; the purified part's terms are suffixed ``_purified``. The purified part's
-    gradient reaches ``x_adv`` through the purifier and the model's encoder directly (not through ``z``).
+    keeps ``loss``'s term names; the purified part's terms are suffixed ``_purified``; each part's weighted
+    contribution to the objective is ``plain_weighted`` / ``purified_weighted`` (so
+    :func:`~antipure_core.protect.term_gradients` can tell the two apart). The purified part's gradient reaches
+    ``x_adv`` through the purifier and the model's encoder directly (not through ``z``).
     """
     s: PurifiedSettings = ctx.options["purification"]
     w = float(s.purified_weight)
     x_in = lowpass_input(x_adv, s)
     if w < 1:
         plain = loss(ctx, x_in, z if x_in is x_adv else ctx.model.encode(x_in))
-        yield {**plain, "objective": (1 - w) * plain["objective"]}
+        weighted = (1 - w) * plain["objective"]
+        yield {**plain, "plain_weighted": weighted, "objective": weighted}
     if w > 0:
         x_pure = EOT_PURIFIERS[draw_purifier(s, ctx.generator)](ctx, x_in, s)
         terms = loss(ctx, x_pure, ctx.model.encode(x_pure))
+        weighted = w * terms["objective"]
         yield {**{f"{k}_purified": v for k, v in terms.items() if k != "objective"},
-               "objective": w * terms["objective"]}
+               "purified_weighted": weighted, "objective": weighted}
 
 
 def calls_per_step(settings: PurifiedSettings, purifier: str, windows: int = 1, num_timesteps: int = 1000

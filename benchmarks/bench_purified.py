@@ -217,27 +217,8 @@ def main(argv=None):
     g = torch.Generator().manual_seed(0)
     context = torch.randn(1, 77, 768, generator=g)  # a CLIP-L prompt embedding's shape
     x = torch.rand(a.batch, 3, a.resolution, a.resolution, generator=g).to(device)
-    rows, refs = [], {}
-    with torch.inference_mode(), checkpointing(patcher, vae, enabled=a.checkpointing), \
-            bridge.session(patcher, vae, [[context, {}]]) as dm, \
-            pixel_bridge.pixel_session(adm, a.checkpointing) as pdm:
-        print("# " + _held(device.type == "cuda"))
-        for route in a.routes:
-            s = purified.PurifiedSettings(route=route, k=a.k, checkpoint=chain_ckpt, purifiers={"gridpure": 1.0},
-                                          t_star=a.t_star, window=a.window, windows=a.windows)
-            bare = BarePurified(patcher, vae, pdm.unet, context.to(device), route, a.t_star, a.k, a.window,
-                                chain_ckpt)
-            calls = purified.calls_per_step(s, "gridpure", windows=count)
-            if a.windows == "all" and count > 1:
-                print(f"# {route}: the bare work covers one window; the step purifies {count}")
-            r = measure(pack, dm, bare, "purified_advdm", x, a.steps, device, cond=dm.cond,
-                        options={"purification": s, "pixel_model": pdm})
-            rows.append((route, calls, r))
-        if "antipure" in a.compare:
-            tiles = layout.crops
-            bare_adm = BareADM(pdm, lambda z: tiles(z) if a.resolution > a.window else [z], t_purify=a.t_star)
-            refs["antipure"] = measure(pack, pdm, bare_adm, "antipure", x, max(a.steps, 1), device, t_purify=a.t_star,
-                                       window=a.window, window_mode="all")
+    refs = {}
+    # the references first, so that each route's row is printed (and kept) as soon as it is measured
     if "aspl" in a.compare:  # on a LoRA clone of the MODEL, in a session of its own (as the Protect node)
         lora = mod("antipure_comfy.lora_adapters")
         mp, adapters = lora.attach_lora(patcher, lora.target_keys(patcher, "attention"), 4, 4.0, 0)
@@ -245,36 +226,58 @@ def main(argv=None):
         with torch.inference_mode(), checkpointing(mp, vae, enabled=a.checkpointing), \
                 bridge.session(mp, vae, [[context, {}]]) as train_dm:
             refs["aspl"] = aspl_outer(pack, train_dm, params, x, a, device)
-    report(a, rows, refs, device)
+        print(aspl_line(a, refs["aspl"]), flush=True)
+    with torch.inference_mode(), checkpointing(patcher, vae, enabled=a.checkpointing), \
+            bridge.session(patcher, vae, [[context, {}]]) as dm, \
+            pixel_bridge.pixel_session(adm, a.checkpointing) as pdm:
+        print("# " + _held(device.type == "cuda"))
+        if "antipure" in a.compare:
+            tiles = layout.crops
+            bare_adm = BareADM(pdm, lambda z: tiles(z) if a.resolution > a.window else [z], t_purify=a.t_star)
+            refs["antipure"] = measure(pack, pdm, bare_adm, "antipure", x, max(a.steps, 1), device, t_purify=a.t_star,
+                                       window=a.window, window_mode="all")
+            print(antipure_line(a, refs["antipure"]), flush=True)
+        print(HEADER, flush=True)
+        for route in a.routes:
+            s = purified.PurifiedSettings(route=route, k=a.k, checkpoint=chain_ckpt, purifiers={"gridpure": 1.0},
+                                          t_star=a.t_star, window=a.window, windows=a.windows)
+            bare = BarePurified(patcher, vae, pdm.unet, context.to(device), route, a.t_star, a.k, a.window,
+                                chain_ckpt)
+            calls = purified.calls_per_step(s, "gridpure", windows=count)
+            r = measure(pack, dm, bare, "purified_advdm", x, a.steps, device, cond=dm.cond,
+                        options={"purification": s, "pixel_model": pdm})
+            print(route_row(route, calls, r, refs, device), flush=True)
+    if a.windows == "all" and count > 1:
+        print(f"\n# the bare work covers one window; the step purifies {count}")
 
 
-def report(a, rows, refs, device) -> None:
-    cuda = device.type == "cuda"
-    anti = refs.get("antipure", {}).get("step", [float("nan")] * 3)
-    aspl = refs.get("aspl")
-    print("\n| route | ADM calls fwd / bwd | SD UNet fwd / bwd | bare s | step s | step/bare wall | "
+HEADER = ("\n| route | ADM calls fwd / bwd | SD UNet fwd / bwd | bare s | step s | step/bare wall | "
           "step/bare user CPU | GFLOP bare / step | peak GiB bare / step | above start GiB bare / step | "
-          "step / AntiPure step | step / ASPL outer iteration |")
-    print("|---|---|---|---|---|---|---|---|---|---|---|---|")
-    for route, c, r in rows:
-        (bw, bu, _), (sw, su, _) = r["bare"], r["step"]
-        bc, sc = r["bare_census"], r["step_census"]
-        cpu = "–" if cuda else f"{su / bu:.3f}"
-        vs_anti = f"{sw / anti[0]:.2f}" if "antipure" in refs else "–"
-        vs_aspl = f"{sw / aspl['wall']:.3f}" if aspl else "–"
-        print(f"| {route} | {c['purifier_forward']} / {c['purifier_backward']} | {c['unet_forward']} / "
-              f"{c['unet_backward']} | {bw:.2f} | {sw:.2f} | {sw / bw:.3f} | {cpu} | {bc['gflop']:.0f} / "
-              f"{sc['gflop']:.0f} | {bc['peak']:.2f} / {sc['peak']:.2f} | {bc['extra']:.2f} / {sc['extra']:.2f} | "
-              f"{vs_anti} | {vs_aspl} |", flush=True)
-    if "antipure" in refs:
-        r = refs["antipure"]
-        print(f"\n# AntiPure step on the ADM (all windows, t^p {a.t_star}): {r['step'][0]:.2f} s wall, "
-              f"{r['step'][1]:.2f} s user CPU (bare {r['bare'][0]:.2f} s); peak {r['step_census']['peak']:.2f} GiB")
-    if aspl:
-        print(f"# ASPL outer iteration ({a.aspl_train} + {a.aspl_attack} + {a.aspl_train} steps, LoRA): "
-              f"{aspl['wall']:.2f} s wall, {aspl['user']:.2f} s user CPU, {aspl['gflop']:.0f} GFLOP; "
-              f"peak {aspl['peak']:.2f} GiB")
+          "step / AntiPure step | step / ASPL outer iteration |\n"
+          "|---|---|---|---|---|---|---|---|---|---|---|---|")
 
+
+def route_row(route: str, c: dict, r: dict, refs: dict, device) -> str:
+    """One route's table row (against the references measured before it)."""
+    (bw, bu, _), (sw, su, _) = r["bare"], r["step"]
+    bc, sc = r["bare_census"], r["step_census"]
+    cpu = "–" if device.type == "cuda" else f"{su / bu:.3f}"
+    vs_anti = f"{sw / refs['antipure']['step'][0]:.2f}" if "antipure" in refs else "–"
+    vs_aspl = f"{sw / refs['aspl']['wall']:.3f}" if "aspl" in refs else "–"
+    return (f"| {route} | {c['purifier_forward']} / {c['purifier_backward']} | {c['unet_forward']} / "
+            f"{c['unet_backward']} | {bw:.2f} | {sw:.2f} | {sw / bw:.3f} | {cpu} | {bc['gflop']:.0f} / "
+            f"{sc['gflop']:.0f} | {bc['peak']:.2f} / {sc['peak']:.2f} | {bc['extra']:.2f} / {sc['extra']:.2f} | "
+            f"{vs_anti} | {vs_aspl} |")
+
+
+def antipure_line(a, r: dict) -> str:
+    return (f"# AntiPure step on the ADM (all windows, t^p {a.t_star}): {r['step'][0]:.2f} s wall, "
+            f"{r['step'][1]:.2f} s user CPU (bare {r['bare'][0]:.2f} s); peak {r['step_census']['peak']:.2f} GiB")
+
+
+def aspl_line(a, r: dict) -> str:
+    return (f"# ASPL outer iteration ({a.aspl_train} + {a.aspl_attack} + {a.aspl_train} steps, LoRA): "
+            f"{r['wall']:.2f} s wall, {r['user']:.2f} s user CPU, {r['gflop']:.0f} GFLOP; peak {r['peak']:.2f} GiB")
 
 if __name__ == "__main__":
     main()

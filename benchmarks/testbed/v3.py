@@ -47,6 +47,7 @@ from .experiment import (CURVE, Settings, _gridpure_2x20, customize_and_sample, 
                          objective_summary, protect_photos, purified_scores, purify_all, sample_scores)
 from .purifier import CalibratedPurifierConfig, UnknownPurifierConfig, build_purifier
 from .train import MODELS_DIR, TrainConfig, build_model, heldout_vae_psnr
+from .v3_report import PURIFIED, write_report
 
 RESULTS_DIR = Path(__file__).resolve().parent / "results"
 UNITS_DIR = RESULTS_DIR / "v3_units"
@@ -54,14 +55,12 @@ UNITS_DIR = RESULTS_DIR / "v3_units"
 #: the baselines, AntiPure as published and with PFG given half the gradient, the oracle on the purifier,
 #: and the pack's purified_advdm (one-step and full-chain routes)
 BASELINES = ("random", "advdm", "mist", "photoguard", "sds", "aspl", "simac")
-V3_METHODS = ("none", *BASELINES, "antipure", "antipure-pfg50", "oracle",
-              "purified_advdm-one_step", "purified_advdm-full")
+V3_METHODS = ("none", *BASELINES, "antipure", "antipure-pfg50", "oracle", *PURIFIED)
 #: PFG carries 50 % of the gradient (the published λ₁ = 0.5 gives it ~1 %: see the report's term shares)
 VARIANTS = {"antipure-pfg50": ("antipure", {"pfg_share": 0.5})}
 V3_PURIFIERS = ("none", "gridpure", "diffpure", "sdedit-ldm", "jpeg", "noisy_upscale", "gridpure+jpeg")
 #: the unknown purifier costs a GrIDPure 2 × 20 per set: run on the methods a verdict needs
-UNKNOWN_METHODS = ("none", "random", "advdm", "mist", "aspl", "antipure", "antipure-pfg50", "oracle",
-                   "purified_advdm-one_step", "purified_advdm-full")
+UNKNOWN_METHODS = ("none", "random", "advdm", "mist", "aspl", "antipure", "antipure-pfg50", "oracle", *PURIFIED)
 #: (subject, centre shift as fractions of the photo): ten units, three photos, 3-4 crops each
 UNITS = (("astronaut", (0.0, 0.0)), ("astronaut", (0.08, -0.08)), ("astronaut", (-0.06, 0.08)),
          ("astronaut", (0.08, 0.08)), ("chelsea", (0.0, 0.0)), ("chelsea", (0.08, -0.08)),
@@ -84,7 +83,8 @@ def unit_seed(s: Settings, unit: int) -> int:
 
 
 def settings_key(s: Settings, unknown: str) -> str:
-    blob = json.dumps({**asdict(s), "unknown": unknown}, sort_keys=True, default=str)
+    """The unit files' key: every setting but the method list (a rerun with more methods adds them to the units)."""
+    blob = json.dumps({**asdict(s), "methods": None, "unknown": unknown}, sort_keys=True, default=str)
     return hashlib.sha256(blob.encode()).hexdigest()[:10]
 
 
@@ -113,9 +113,19 @@ def antipure_shares(adm, protected, photos, s: Settings, seed: int, pfg_lambda: 
     return {**flat, "pfg_lambda": freq.weight}
 
 
-def run_unit(unit: int, s: Settings, models_dir: Path, unknown_path: Optional[str], log=print) -> dict:
-    """Everything for one unit; returns the JSON-able record written to :data:`UNITS_DIR`."""
+def run_unit(unit: int, s: Settings, models_dir: Path, unknown_path: Optional[str], log=print,
+             previous: Optional[dict] = None) -> dict:
+    """Everything for one unit; returns the JSON-able record written to :data:`UNITS_DIR`.
+
+    ``previous``: the unit's record from a run with fewer methods; only the methods it lacks are run and
+    added. Every draw is seeded per unit and the purifiers' noise per set, so a method run later sees the
+    same purifier noise, LoRA initialisation and sampling noise as one run with the rest; the ``none`` rows
+    are taken from ``previous`` after one of them (GrIDPure) is recomputed and checked equal."""
     t_cpu = time.process_time()
+    if previous is not None:
+        s = replace(s, methods=tuple(m for m in s.methods if m not in previous["terms"]))
+        if not s.methods:
+            return previous
     ldm, _ = build_model(TrainConfig(), models_dir, verbose=False)
     adm, _ = build_purifier(CalibratedPurifierConfig(), models_dir, verbose=False)
     unknown = load_unknown(unknown_path, models_dir)
@@ -123,7 +133,7 @@ def run_unit(unit: int, s: Settings, models_dir: Path, unknown_path: Optional[st
     seed = unit_seed(s, unit)
     cond = instance_cond(ldm, unit)
     protected, seconds, objectives, terms, shares = {}, {}, {}, {}, {}
-    for name in s.methods:
+    for name in s.methods if previous is None else s.methods + ("none",):
         t0, steps, lambdas = time.perf_counter(), [], []
         protected[name] = protect_photos(name, ldm, adm, photos, set_a, cond, s, seed, VARIANTS, steps, lambdas)
         seconds[name] = round(time.perf_counter() - t0, 1)
@@ -134,7 +144,7 @@ def run_unit(unit: int, s: Settings, models_dir: Path, unknown_path: Optional[st
                                            sum(lambdas) / len(lambdas) if lambdas else None)
         log(f"{name:24s} protected in {seconds[name]:6.1f}s")
     # one batch, common random numbers: 'none' is the clean photos' own purification
-    names = [m for m in s.methods if m != "none"]
+    names = [m for m in protected if m != "none"]
     batch = torch.cat([photos] + [protected[m] for m in names])
     main = replace(s, purifiers=tuple(p for p in s.purifiers if p != "gridpure-unknown"))
     t0 = time.perf_counter()
@@ -150,10 +160,10 @@ def run_unit(unit: int, s: Settings, models_dir: Path, unknown_path: Optional[st
     calib = {c: float(psnr(purified[c]["none"], photos).mean()) for c in purified if c != "none"}
     rows = []
     reference = customize_and_sample(ldm, photos, cond, s, seed)
-    for name in s.methods:
+    for name in protected:
         t0 = time.perf_counter()
         for col, sets in purified.items():
-            if name not in sets:
+            if name not in sets or (previous is not None and name == "none" and col != "gridpure"):
                 continue
             got = sets[name]
             row = {"subject": unit, "photo": UNITS[unit][0], "eta": round(s.eta * 255), "method": name,
@@ -169,22 +179,44 @@ def run_unit(unit: int, s: Settings, models_dir: Path, unknown_path: Optional[st
                 row["brisque_generated"] = float(brisque(samples).mean())
             rows.append(row)
         log(f"{name:24s} customized in {time.perf_counter() - t0:6.1f}s")
-    for r in rows:  # the protection's own effect beyond what the purifier alone does (paired: same unit)
-        base = next(b for b in rows if b["method"] == "none" and b["purifier"] == r["purifier"])
+    rec = {"unit": unit, "subject": UNITS[unit][0], "shift": UNITS[unit][1], "seed": seed, "rows": rows,
+           "objectives": objectives, "terms": terms, "shares": shares, "calibration": calib,
+           "cpu_s": round(time.process_time() - t_cpu, 1)}
+    if previous is not None:
+        rec = merge_units(previous, rec)
+    for r in rec["rows"]:  # the protection's own effect beyond what the purifier alone does (paired: same unit)
+        base = next(b for b in rec["rows"] if b["method"] == "none" and b["purifier"] == r["purifier"])
         if "sample_dist" in r:
             r["sample_gain"] = r["sample_dist"] - base["sample_dist"]
             r["subject_drop"] = base["subject_sim"] - r["subject_sim"]
             r["brisque_gain"] = r["brisque_generated"] - base["brisque_generated"]
-    return {"unit": unit, "subject": UNITS[unit][0], "shift": UNITS[unit][1], "seed": seed, "rows": rows,
-            "objectives": objectives, "terms": terms, "shares": shares, "calibration": calib,
-            "cpu_s": round(time.process_time() - t_cpu, 1)}
+    return rec
+
+
+def merge_units(old: dict, new: dict) -> dict:
+    """``old`` with ``new``'s methods added, rows in :data:`V3_METHODS` order. ``new``'s one ``none`` row
+    (GrIDPure, recomputed) must equal ``old``'s: else the two runs are not paired and nothing is merged."""
+    check = lambda rec: next(r for r in rec["rows"] if r["method"] == "none" and r["purifier"] == "gridpure")  # noqa: E731
+    a, b = check(old), check(new)
+    for k in ("sample_dist", "subject_sim", "survival"):
+        if k in a and abs(a[k] - b[k]) > 1e-5:
+            raise RuntimeError(f"unit {old['unit']}: the recomputed none/gridpure {k} ({b[k]:.6f}) differs from "
+                               f"the stored one ({a[k]:.6f}); this machine or torch build does not reproduce the "
+                               f"stored units: rerun them all (delete {UNITS_DIR.name}/unit-*.json)")
+    rows = old["rows"] + [r for r in new["rows"] if r["method"] != "none"]
+    order = {m: i for i, m in enumerate(V3_METHODS)}
+    rows.sort(key=lambda r: order.get(r["method"], len(order)))  # stable: columns keep their order
+    merged = {**old, "rows": rows, "cpu_s": round(old["cpu_s"] + new["cpu_s"], 1)}
+    for k in ("objectives", "terms", "shares"):
+        merged[k] = {**old[k], **{m: v for m, v in new[k].items() if m != "none"}}
+    return merged
 
 
 def _unit_job(args):
-    unit, s, models_dir, unknown_path, out_dir, key = args
+    unit, s, models_dir, unknown_path, out_dir, key, previous = args
     torch.set_num_threads(1)
     tag = f"[unit {unit} {UNITS[unit][0]}]"
-    rec = run_unit(unit, s, Path(models_dir), unknown_path, lambda m: print(f"{tag} {m}", flush=True))
+    rec = run_unit(unit, s, Path(models_dir), unknown_path, lambda m: print(f"{tag} {m}", flush=True), previous)
     rec["settings_key"] = key
     path = Path(out_dir) / f"unit-{unit:02d}.json"
     tmp = path.with_suffix(".tmp")
@@ -219,12 +251,23 @@ def main(argv=None) -> list[Path]:
                     help="the unknown column's pixel purifier (.safetensors, UnknownPurifierConfig's architecture)")
     ap.add_argument("--workers", type=int, default=2, help="parallel units, one torch thread each (default 2)")
     ap.add_argument("--report-only", action="store_true", help="rebuild the report from the units on disk")
+    ap.add_argument("--eta", type=int, default=16, help="the budget in 1/255 (default 16; results of another "
+                                                          "budget go to testbed_v3_eta<N>)")
+    ap.add_argument("--methods", nargs="+", metavar="METHOD",
+                    help="methods to run (default: all of V3_METHODS); 'none' is always run; units already on "
+                         "disk with these settings get only the methods they lack")
     ap.add_argument("--out", type=Path, default=RESULTS_DIR, help="results folder (default: testbed's results/)")
     a = ap.parse_args(argv)
     if a.purifier_weights and not Path(a.purifier_weights).is_file():
         raise SystemExit(f"--purifier-weights: no file {a.purifier_weights}")
-    s = replace(Settings(), **V3_SETTINGS, **(QUICK if a.quick else {}))
-    tag = "testbed_v3_quick" if a.quick else "testbed_v3"
+    if a.eta <= 0 or a.eta > 255:
+        raise SystemExit(f"--eta: a budget in 1/255, 1..255, got {a.eta}")
+    methods = V3_METHODS if not a.methods else ("none", *dict.fromkeys(m for m in a.methods if m != "none"))
+    unknown_methods = [m for m in methods if m not in V3_METHODS]
+    if unknown_methods:
+        raise SystemExit(f"--methods: {unknown_methods} not in testbed v3; choose from {', '.join(V3_METHODS)}")
+    s = replace(Settings(), **{**V3_SETTINGS, "eta": a.eta / 255, "methods": methods}, **(QUICK if a.quick else {}))
+    tag = "testbed_v3" + ("_quick" if a.quick else "") + ("" if a.eta == 16 else f"_eta{a.eta}")
     units_dir = a.out / (tag.replace("testbed_", "") + "_units")
     units_dir.mkdir(parents=True, exist_ok=True)
     key = settings_key(s, a.purifier_weights or "seed-1")
@@ -232,8 +275,6 @@ def main(argv=None) -> list[Path]:
     bad = [u for u in units if not 0 <= u < len(UNITS)]
     if bad:
         raise SystemExit(f"--units: {bad} out of range; units are 0..{len(UNITS) - 1}")
-    from .v3_report import write_report
-
     t0 = time.perf_counter()
     calib = {}
     if not a.report_only:
@@ -241,8 +282,9 @@ def main(argv=None) -> list[Path]:
         build_model(TrainConfig(), MODELS_DIR)
         for cfg in (CalibratedPurifierConfig(), UnknownPurifierConfig()):
             build_purifier(cfg, MODELS_DIR)
-        todo = [u for u in units if u not in done_units(units_dir, key)]
-        print(f"testbed v3: {len(todo)} of {len(units)} units to run ({units_dir})", flush=True)
+        done = done_units(units_dir, key)
+        todo = [u for u in units if u not in done or set(methods) - set(done[u]["terms"])]
+        print(f"testbed v3: {len(todo)} of {len(units)} units to run or complete ({units_dir})", flush=True)
         cal_path = units_dir / f"calibration-{key}.json"
         cal_jobs = [] if cal_path.exists() or a.quick else [("attacked", str(MODELS_DIR), a.purifier_weights),
                                                             ("unknown", str(MODELS_DIR), a.purifier_weights)]
@@ -250,7 +292,7 @@ def main(argv=None) -> list[Path]:
         with ctx.Pool(a.workers) as pool:
             cal = pool.map_async(_calibration_job, cal_jobs, chunksize=1) if cal_jobs else None
             for u in pool.imap_unordered(_unit_job, [(u, s, str(MODELS_DIR), a.purifier_weights, str(units_dir),
-                                                      key) for u in todo], chunksize=1):
+                                                      key, done.get(u)) for u in todo], chunksize=1):
                 print(f"unit {u} written", flush=True)
             if cal is not None:
                 cal_path.write_text(json.dumps(dict(cal.get())))
@@ -262,15 +304,18 @@ def main(argv=None) -> list[Path]:
         raise SystemExit(f"no finished units in {units_dir} for these settings; run without --report-only")
     ldm, _ = build_model(TrainConfig(), MODELS_DIR, verbose=False)
     # the last full invocation's wall time and machine, kept beside the units for --report-only
+    # the invocations' wall time and machine, kept beside the units for --report-only
     run_path = units_dir / f"run-{key}.json"
-    if not a.report_only:
-        run_path.write_text(json.dumps({
-            "wall_s": round(time.perf_counter() - t0),
-            "machine": f"{platform.machine()}, torch {torch.__version__}, {a.workers} worker(s) x 1 thread, "
-                       f"{os.cpu_count()} cores"}))
     run = json.loads(run_path.read_text()) if run_path.exists() else {"wall_s": None, "machine": "?"}
-    meta = {"command": "python -m benchmarks.testbed.v3" + (" --quick" if a.quick else ""),
-            "wall_s": run["wall_s"], "machine": run["machine"],
+    if not a.report_only and todo:
+        run = {"wall_s": round(time.perf_counter() - t0) + (run["wall_s"] or 0),
+               "invocations": run.get("invocations", 1 if run["wall_s"] else 0) + 1,
+               "machine": f"{platform.machine()}, torch {torch.__version__}, {a.workers} worker(s) x 1 thread, "
+                          f"{os.cpu_count()} cores"}
+        run_path.write_text(json.dumps(run))
+    meta = {"command": "python -m benchmarks.testbed.v3" + (" --quick" if a.quick else "")
+            + ("" if a.eta == 16 else f" --eta {a.eta}"),
+            "wall_s": run["wall_s"], "invocations": run.get("invocations", 1), "machine": run["machine"],
             "vae_heldout_db": heldout_vae_psnr(ldm, V3_SCALE), "unknown": a.purifier_weights or "seed-1 (committed)",
             "calibration": calib}
     return write_report(a.out, tag, [recs[u] for u in sorted(recs)], s, meta)

@@ -29,7 +29,8 @@ EFFECTS = {
     "brisque_gain": "BRISQUE of the samples (higher = worse quality; texture and grid artefacts raise it) minus "
                     "the same for the unprotected photos",
 }
-PURIFIED = ("purified_advdm-one_step", "purified_advdm-full")
+#: the pack's purified_advdm, one method per gradient route
+PURIFIED = ("purified_advdm-one_step", "purified_advdm-k_step", "purified_advdm-full")
 CANDIDATES = ("antipure", "antipure-pfg50", "oracle", *PURIFIED)
 
 
@@ -168,7 +169,8 @@ def write_report(out_dir: Path, tag: str, recs: list[dict], s: Settings, meta: d
     lines = [f"# Testbed v3: {tag}", "",
              f"`{meta['command']}` — {n} units ({units}), "
              f"η = {eta}/255, {s.pgd_steps} PGD steps, common random numbers in every purifier. "
-             f"Wall time {meta['wall_s']} s (the last invocation that ran units); {cpu:.0f} CPU s in the units "
+             f"Wall time {meta['wall_s']} s ({meta.get('invocations', 1)} invocation(s) that ran units); "
+             f"{cpu:.0f} CPU s in the units "
              f"({cpu / max(n, 1):.0f} s a unit); {meta['machine']}.", "",
              __doc__.split("\n\n", 1)[1].strip(), ""]
     lines += calibration_section(recs, meta)
@@ -200,7 +202,8 @@ def write_report(out_dir: Path, tag: str, recs: list[dict], s: Settings, meta: d
     cost = {m: f"{_mean(r['protect_s'] for r in rows if r['method'] == m and r['purifier'] == 'none'):.0f}"
             for m in methods}
     lines += ["## Seconds to protect 4 photos (one thread)", "", markdown_table([cost]), "",
-              "## Settings", "", "```json", json.dumps({**asdict(s), "unknown_purifier": meta["unknown"]}, indent=1,
-                                                       default=str), "```", ""]
+              "## Settings", "", "```json",
+              json.dumps({**asdict(s), "methods": methods, "unknown_purifier": meta["unknown"]}, indent=1,
+                         default=str), "```", ""]
     md_path.write_text("\n".join(lines))
     return [md_path, csv_path, fig]

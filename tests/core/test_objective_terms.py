@@ -93,6 +93,9 @@ def test_term_gradients_add_up_to_the_objective_gradient(request, kind, kw):
         assert math.isclose(r["share"], r["norm"] / sum(t["norm"] for t in report["terms"].values()), rel_tol=1e-6)
         agree = float((grads[name].sign() == want.sign()).float().mean())
         assert abs(r["sign_agreement"] - agree) < 1e-3  # a pixel or two may flip on a near-zero total
+        rest = want - grads[name]
+        cos = float((grads[name] * rest).sum() / (grads[name].norm() * rest.norm()))
+        assert math.isclose(r["cosine_to_rest"], cos, rel_tol=1e-3, abs_tol=1e-4)
     assert math.isclose(sum(r["share"] for r in report["terms"].values()), 1.0, rel_tol=1e-6)
 
 
@@ -104,6 +107,7 @@ def test_term_gradients_one_term_method_and_determinism(latent):
     assert list(report["terms"]) == ["objective"]
     r = report["terms"]["objective"]
     assert r["share"] == 1.0 and r["sign_agreement"] == 1.0 and r["norm"] == report["total_norm"] > 0
+    assert r["cosine_to_rest"] == 0.0  # no other term
     assert report == term_gradients(model, x_adv, x, cond, "advdm", seed=2, samples=2)
     assert report != term_gradients(model, x_adv, x, cond, "advdm", seed=3, samples=2)
 

@@ -8,7 +8,7 @@ import torch
 from antipure_core.lora import add_lora, remove_lora
 from antipure_core.methods import METHODS
 from antipure_core.pgd import attack_context
-from antipure_core.protect import evaluate_objective, protect
+from antipure_core.protect import evaluate_objective, protect, term_gradients
 from antipure_core.purified_attack import (EOT_PURIFIERS, PurifiedSettings, calls_per_step, draw_purifier,
                                            purified_parts)
 from antipure_core.purify import _gridpure, diffpure
@@ -187,9 +187,28 @@ def test_parts_report_both_terms(toy, adm):
     x = smooth_image(1, 32, 32)
     ctx = context(toy, adm, x, replace(SMALL, route="one_step", purified_weight=0.25))
     plain, pure = purified_parts(ctx, x, ctx.model.encode(x), METHODS["advdm"].loss)
-    assert set(plain) == {"objective", "ldm"} and set(pure) == {"objective", "ldm_purified"}
+    assert set(plain) == {"objective", "ldm", "plain_weighted"}
+    assert set(pure) == {"objective", "ldm_purified", "purified_weighted"}
+    assert torch.equal(plain["plain_weighted"], plain["objective"])
+    assert torch.equal(pure["purified_weighted"], pure["objective"])
     assert torch.allclose(plain["objective"], 0.75 * plain["ldm"]) and torch.allclose(pure["objective"],
                                                                                       0.25 * pure["ldm_purified"])
+
+
+def test_term_gradients_tell_the_plain_and_the_purified_term_apart(toy, adm):
+    model, cond = toy
+    x = smooth_image(1, 32, 32)
+    x_adv = (x + 4 / 255 * torch.randn(x.shape, generator=gen(5))).clamp(0, 1)
+    s = replace(SMALL, route="full", purified_weight=0.5)
+    kw = dict(seed=2, samples=2, options={"purification": s, "pixel_model": adm})
+    report = term_gradients(model, x_adv, x, cond, "purified_advdm", **kw)
+    assert set(report["terms"]) == {"plain", "purified"}
+    plain, pure = report["terms"]["plain"], report["terms"]["purified"]
+    assert plain["norm"] > 0 and pure["norm"] > 0 and plain["share"] + pure["share"] == pytest.approx(1)
+    assert plain["cosine_to_rest"] == pytest.approx(pure["cosine_to_rest"])  # two terms: one cosine
+    assert -1 <= plain["cosine_to_rest"] <= 1
+    terms = evaluate_objective(model, x_adv, x, cond, "purified_advdm", **kw)
+    assert terms["plain_weighted"] + terms["purified_weighted"] == pytest.approx(terms["objective"])
 
 
 def test_deterministic_for_a_seed(toy, adm):

@@ -70,3 +70,55 @@ def test_purifier_weights_must_be_the_unknown_purifiers_architecture(tmp_path):
         v3.main(["--purifier-weights", str(tmp_path / "missing.safetensors"), "--out", str(tmp_path)])
     with pytest.raises(SystemExit, match="--units: \\[99\\] out of range"):
         v3.main(["--units", "99", "--out", str(tmp_path), "--report-only"])
+
+
+def _small(methods, **kw):
+    return replace(Settings(), **{**v3.V3_SETTINGS, **v3.QUICK, "num_photos": 2, "methods": methods,
+                                  "purifiers": ("none", "gridpure"), **kw})
+
+
+def test_methods_added_to_a_stored_unit_equal_a_run_with_all_of_them():
+    quiet = dict(log=lambda *_: None)
+    first = v3.run_unit(7, _small(("none", "advdm")), MODELS_DIR, None, **quiet)
+    added = v3.run_unit(7, _small(("none", "advdm", "random")), MODELS_DIR, None, previous=first, **quiet)
+    whole = v3.run_unit(7, _small(("none", "random", "advdm")), MODELS_DIR, None, **quiet)
+    key = lambda r: (r["method"], r["purifier"])  # noqa: E731
+    cells = lambda rec: sorted(({k: v for k, v in r.items() if k != "protect_s"} for r in rec["rows"]),  # noqa: E731
+                               key=key)  # protect_s is a wall time
+    assert cells(added) == cells(whole)  # paired bit for bit
+    assert [r["method"] for r in added["rows"]] == ["none"] * 3 + ["random"] * 3 + ["advdm"] * 3  # V3 order
+    assert added["terms"] == whole["terms"] and set(added["objectives"]) == {"none", "advdm", "random"}
+    assert v3.run_unit(7, _small(("none", "advdm")), MODELS_DIR, None, previous=first, **quiet) is first
+    # a stored unit this machine does not reproduce is not merged into
+    tampered = {**first, "rows": [{**r, "sample_dist": r["sample_dist"] + 0.01}
+                                  if (r["method"], r["purifier"]) == ("none", "gridpure") else r
+                                  for r in first["rows"]]}
+    with pytest.raises(RuntimeError, match="does not reproduce the stored units"):
+        v3.merge_units(tampered, added)
+
+
+def test_bad_methods_and_eta_name_the_option(tmp_path):
+    with pytest.raises(SystemExit, match="--methods: \\['nope'\\] not in testbed v3"):
+        v3.main(["--methods", "advdm", "nope", "--out", str(tmp_path), "--report-only"])
+    with pytest.raises(SystemExit, match="--eta: a budget in 1/255"):
+        v3.main(["--eta", "0", "--out", str(tmp_path), "--report-only"])
+
+
+def test_why_purified_on_one_unit(tmp_path):
+    from benchmarks.testbed import purified_why as why
+
+    s = _small(v3.V3_METHODS)
+    rec = why.why_unit(7, s, MODELS_DIR, log=lambda *_: None)
+    assert set(rec["gradients"]) == set(why.PURIFIED) == set(rec["own_term"]) == set(rec["delta_vs_advdm"])
+    for route in why.PURIFIED:
+        for tag in ("clean", "protected"):
+            g = rec["gradients"][route][tag]
+            assert 0 < g["purified_share"] < 1 and -1 <= g["cosine"] <= 1
+        assert rec["delta_vs_advdm"][route]["rmse"] > 0
+        assert rec["own_term"][route][route] > rec["own_term"][route]["none"]  # the attack raises its own term
+    assert list(rec["ldm_after"]) == ["0", "1", "2"]  # QUICK's 2 iterations
+    assert rec["ldm_after"]["0"]["none"] < rec["ldm_after"]["0"]["advdm"]
+    rec["cpu_s"] = 1.0
+    text = why.report([rec, {**rec, "unit": 8}], s, {"command": "t", "wall_s": 1, "machine": "t", "reproduced": "0"})
+    for want in ("## 1.", "## 2.", "## 3.", "purified_advdm-k_step − AdvDM"):
+        assert want in text, want
