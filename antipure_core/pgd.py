@@ -46,8 +46,14 @@ def check_eot(eot_samples) -> None:
 def check_attack(model, x: Tensor, method: str, eta: float, alpha: float, steps: int, eot_samples: int) -> Method:
     """The checks every protection opens with; returns ``method``'s registered :class:`~.methods.Method`.
 
-    ``x``: ``(B, 3, H, W)`` in [0, 1]. Raises ``TypeError``/``ValueError`` naming the bad argument.
+    ``x``: ``(B, 3, H, W)`` in [0, 1]. Raises ``TypeError``/``ValueError`` naming the bad argument, and
+    ``RuntimeError`` inside ``torch.inference_mode()``, where no gradient reaches the image (the attack would
+    return the start point unchanged, silently).
     """
+    if torch.is_inference_mode_enabled():
+        raise RuntimeError("protect: called inside torch.inference_mode(), where no gradient reaches the image; "
+                           "call it outside (in a ComfyUI node: inside antipure_comfy's bridge.session / "
+                           "pixel_session, which leave inference mode)")
     check_model(model)
     check_image(x, "image")
     check_budget(eta, alpha, steps)

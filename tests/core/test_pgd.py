@@ -244,3 +244,18 @@ def test_evaluate_objective_checks_its_inputs(toy):
         evaluate_objective(model, x, x, cond, "advdm", samples=0)
     with pytest.raises(TypeError, match="DiffusionModel"):
         evaluate_objective(object(), x, x, cond, "advdm")
+
+
+def test_inside_inference_mode_the_attack_refuses_instead_of_returning_the_start(toy):
+    model, cond = toy
+    x = smooth_image(1, 32, 32)
+    params = add_lora(model.unet, rank=2, generator=torch.Generator().manual_seed(0))
+    try:
+        with torch.inference_mode():
+            with pytest.raises(RuntimeError, match="inference_mode.*call it outside"):
+                protect(model, x, cond, "advdm", eta=8 / 255, alpha=1 / 255, steps=1)
+            with pytest.raises(RuntimeError, match="inference_mode"):
+                protect_surrogate(model, x, cond, params, "aspl", steps=1, settings=SurrogateSettings())
+    finally:
+        remove_lora(model.unet)
+    assert not torch.equal(protect(model, x, cond, "advdm", eta=8 / 255, alpha=1 / 255, steps=1, seed=0), x)
