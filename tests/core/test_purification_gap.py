@@ -9,8 +9,9 @@ from antipure_core.pgd import attack_context
 from antipure_core.protect import evaluate_objective, protect
 from antipure_core.purification_gap import gap_loss
 from antipure_core.purified_attack import PurifiedSettings, draw_purifier, gridpure_share
+from tests.core.test_purified import context as purified_context, gen
 from tests.tiny_adm import tiny_pixel_diffusion
-from tests.toy import make_toy, smooth_image
+from tests.toy import smooth_image
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -18,24 +19,8 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 SMALL = PurifiedSettings(route="full", t_star=4, window=16)
 
 
-def gen(seed=0):
-    return torch.Generator().manual_seed(seed)
-
-
-@pytest.fixture(scope="module")
-def toy():
-    return make_toy(0)
-
-
-@pytest.fixture(scope="module")
-def adm():
-    return tiny_pixel_diffusion()
-
-
 def context(toy, adm, x, settings, seed=0):
-    model, cond = toy
-    return attack_context(model, x, cond, gen(seed), METHODS["purification_gap"],
-                          options={"purification": settings, "pixel_model": adm})
+    return purified_context(toy, adm, x, settings, seed, method="purification_gap")
 
 
 def test_registered_as_a_purifying_method_without_parts():

@@ -18,7 +18,7 @@ from antipure_core.purify_pixel import pixel_diffpure
 from antipure_core.surrogate import SurrogateSettings, protect_surrogate
 from antipure_core.windows import grid_windows
 from tests.tiny_adm import tiny_pixel_diffusion
-from tests.toy import make_toy, smooth_image
+from tests.toy import smooth_image
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -29,16 +29,6 @@ SMALL = PurifiedSettings(t_star=4, window=16, diffpure_t_star=3, sdedit_steps=3,
 
 def gen(seed=0):
     return torch.Generator().manual_seed(seed)
-
-
-@pytest.fixture(scope="module")
-def toy():
-    return make_toy(0)
-
-
-@pytest.fixture(scope="module")
-def adm():
-    return tiny_pixel_diffusion()
 
 
 def context(toy, adm, x, settings, seed=0, method="purified_advdm"):
