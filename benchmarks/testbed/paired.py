@@ -116,10 +116,11 @@ def question_tables(rows: list[dict], eta: int, methods: list[str], baselines: l
                     continue
                 iv = paired(u, g, 0.5)
                 vs = paired(u, values(rows, eta, best, col, metric))
+                versus = ("" if m == best else f"{fmt_iv(vs)} ({resolved(vs)})" if vs["n"] > 1
+                          else f"– ({best} not run there)")
                 table.append({"method": m, "column": col, f"{metric} there": fmt_iv(t_interval(u.values())),
                               "minus ½ · GrIDPure's": fmt_iv(iv), "per subject": fmt_diffs(iv),
-                              "resolved": resolved(iv),
-                              f"minus {best} there": "" if m == best else f"{fmt_iv(vs)} ({resolved(vs)})"})
+                              "resolved": resolved(iv), f"minus {best} there": versus})
         out += [f"#### {metric}: does at least half of the GrIDPure effect hold under unseen purifiers? "
                 f"η = {eta}/255", "", markdown_table(table), ""]
     return "\n".join(out)

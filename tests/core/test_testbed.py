@@ -329,6 +329,10 @@ def test_paired_comparisons_pair_by_subject_and_seed(tmp_path):
     assert paired.best_baseline(rows, 16, "gridpure", "sample_gain", ["advdm"]) == "advdm"
     text = paired.question_tables(rows, 16, ["purified_advdm-full"], ["advdm"], unseen=("jpeg",))
     assert "minus advdm (best baseline)" in text and "| purified_advdm-full | jpeg |" in text
+    # a column the best baseline was not run under says so instead of an empty interval
+    rows += [{k: str(v) for k, v in row(s, "purified_advdm-full", "gridpure-unknown", 0.01).items()} for s in range(3)]
+    text = paired.question_tables(rows, 16, ["purified_advdm-full"], ["advdm"], unseen=("gridpure-unknown",))
+    assert "– (advdm not run there)" in text and "nan" not in text
     # joining per-subject runs keeps the first run's `none` rows
     import csv
     for name, method in (("a.csv", "none"), ("b.csv", "none")):
