@@ -25,9 +25,9 @@ values. Per route (``one_step``, ``k_step``, ``full``):
 
 Step and bare are interleaved as in :mod:`bench_protect` (the bare work runs in
 protect's per-step callback, outside the timed interval); the first step and
-the first bare run are warm-ups and make the census (FLOPs by torch's
-``FlopCounterMode``, peak memory: the CUDA allocator's, on the CPU anonymous
-resident memory). The purifier chain is checkpointed per step unless
+the first bare run are warm-ups and make the census (FLOPs by
+:class:`bench_protect.FlopCount`, peak memory: the CUDA allocator's, on the
+CPU anonymous resident memory). The purifier chain is checkpointed per step unless
 ``--no-chain-checkpoint``; ``--checkpointing`` also checkpoints the SD UNet /
 VAE blocks and the ADM's blocks (the Protect node's ``gradient_checkpointing``).
 
