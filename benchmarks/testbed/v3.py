@@ -14,6 +14,8 @@ long run can be stopped and resumed; the report is rebuilt from whatever units e
     python -m benchmarks.testbed.v3 --quick              # plumbing check in minutes (numbers meaningless)
     python -m benchmarks.testbed.v3 --report-only        # rebuild results/testbed_v3.md from the units
     python -m benchmarks.testbed.v3 --purifier-weights my-purifier.safetensors   # evaluate against another
+    python -m benchmarks.testbed.v3 --methods none purified_advdm-k_step   # add a method to the stored units
+    python -m benchmarks.testbed.v3 --eta 8 --units 0 7 --methods none advdm sds   # another budget, a subset
 
 The attacked purifier is :class:`~.purifier.CalibratedPurifierConfig`'s; the ``gridpure-unknown``
 column runs GrIDPure 2 × 20 on :class:`~.purifier.UnknownPurifierConfig`'s (another seed; no method
