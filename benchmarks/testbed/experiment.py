@@ -245,8 +245,8 @@ def _per_set(x: Tensor, crn: Optional[int], purify: Callable[[Tensor], Tensor]) 
 
 
 def purify_all(x: Tensor, ldm, adm, s: Settings, seed: int, log: Callable = print,
-               unknown=None) -> dict[str, Tensor]:
-    """Every purifier on the batch ``x``; ``gridpure@k`` after k iterations, ``gridpure`` = all of them.
+               unknown=None, curve: tuple = CURVE) -> dict[str, Tensor]:
+    """Every purifier on the batch ``x``; ``gridpure@k`` after k iterations (k in ``curve``), ``gridpure`` = all.
 
     ``unknown``: the second pixel purifier, for the ``gridpure-unknown`` column. With ``s.common_noise``,
     ``x`` is made of sets of ``s.num_photos`` images that all get the same noise (``seed``): image k of
@@ -259,7 +259,7 @@ def purify_all(x: Tensor, ldm, adm, s: Settings, seed: int, log: Callable = prin
     out = {"none": x}
     if "gridpure" in s.purifiers or "gridpure+jpeg" in s.purifiers:
         g, y, t0 = torch.Generator().manual_seed(seed), x, time.perf_counter()
-        steps = [k for k in CURVE if k < s.gridpure_iterations] + [s.gridpure_iterations]
+        steps = [k for k in curve if k < s.gridpure_iterations] + [s.gridpure_iterations]
         done = 0
         for k in steps:  # GrIDPure's rounds continue from the previous output, so snapshots are exact
             y = pixel_gridpure(adm, y, t_star=s.gridpure_t_star, window=s.window, stride=s.stride,

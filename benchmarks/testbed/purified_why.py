@@ -30,9 +30,8 @@ import torch
 
 from antipure_core.metrics import markdown_table
 from antipure_core.protect import evaluate_objective, term_gradients
-from antipure_core.purify_pixel import pixel_gridpure
 
-from .experiment import Settings, attack_call, instance_cond, protect_photos
+from .experiment import Settings, attack_call, instance_cond, protect_photos, purify_all
 from .paired import fmt_iv, resolved, t_interval
 from .purifier import CalibratedPurifierConfig, build_purifier
 from .train import MODELS_DIR, TrainConfig, build_model
@@ -43,10 +42,6 @@ RESULTS_DIR = Path(__file__).resolve().parent / "results"
 #: GrIDPure iterations after which the customization model's loss is read (and after all of the attacker's)
 SNAPSHOTS = (0, 1, 10)
 SETS = ("none", "advdm", *PURIFIED)
-
-
-def _cos(a: torch.Tensor, b: torch.Tensor) -> float:
-    return float((a * b).sum() / (a.norm() * b.norm()).clamp_min(1e-30))
 
 
 def why_unit(unit: int, s: Settings, models_dir: Path, log=print) -> dict:
@@ -73,18 +68,17 @@ def why_unit(unit: int, s: Settings, models_dir: Path, log=print) -> dict:
         rec["own_term"][route] = {m: evaluate_objective(model, protected[m], photos, c, seed=seed + 77, samples=4,
                                                         **kw)["ldm_purified"] for m in ("none", "advdm", route)}
         d, a = delta[route].flatten(), delta["advdm"].flatten()
-        rec["delta_vs_advdm"][route] = {"rmse": float((d - a).square().mean().sqrt() * 255), "cosine": _cos(d, a),
+        rec["delta_vs_advdm"][route] = {"rmse": float((d - a).square().mean().sqrt() * 255),
+                                        "cosine": float(torch.nn.functional.cosine_similarity(d, a, dim=0)),
                                         "sign_differs": float(((d.sign() != a.sign()) & (d != 0) & (a != 0))
                                                               .float().mean())}
         log(f"{route}: gradients and own term measured")
     # the attacker's GrIDPure 2 x 20 with common random numbers (photo k of every set sees the same noise)
-    batch, n = torch.cat([protected[m] for m in SETS]), s.num_photos
-    g, done, y = torch.Generator().manual_seed(seed + 500), 0, batch
+    n = s.num_photos
+    purified = purify_all(torch.cat([protected[m] for m in SETS]), ldm, adm, replace(s, purifiers=("gridpure",)),
+                          seed + 500, log, curve=tuple(k for k in SNAPSHOTS if k))
     for k in snapshots(s):
-        if k > done:
-            y = pixel_gridpure(adm, y, t_star=s.gridpure_t_star, window=s.window, stride=s.stride,
-                               iterations=k - done, gamma=s.gridpure_gamma, generator=g, common_noise=n)
-            done = k
+        y = purified["none" if k == 0 else "gridpure" if k == s.gridpure_iterations else f"gridpure@{k}"]
         rec["ldm_after"][str(k)] = {
             m: evaluate_objective(ldm, part, photos, cond, "advdm", seed=seed + 78, samples=8)["ldm"]
             for m, part in zip(SETS, y.split(n))}
