@@ -104,6 +104,16 @@ def versus_best(rows, eta: int, col: str, baselines) -> str:
     return markdown_table(table) if table else ""
 
 
+def survival_vs_advdm(rows, eta: int, methods) -> str:
+    """Each method's survival after GrIDPure minus AdvDM's (same units), with its paired interval."""
+    advdm = values(rows, eta, "advdm", "gridpure", "survival")
+    table = []
+    for m in methods:
+        iv = paired(values(rows, eta, m, "gridpure", "survival"), advdm)
+        table.append({"method": m, "survival − AdvDM's": fmt_iv(iv, 2), "resolved": resolved(iv)})
+    return markdown_table(table)
+
+
 def calibration_section(recs, meta) -> list[str]:
     out = ["## Calibration (measured in this run)", ""]
     cal = meta.get("calibration") or {}
@@ -198,6 +208,9 @@ def write_report(out_dir: Path, tag: str, recs: list[dict], s: Settings, meta: d
     if any(m in methods for m in PURIFIED):
         lines += ["## purified_advdm: the issue-27 questions", "",
                   question_tables(rows, eta, [m for m in PURIFIED if m in methods], baselines), ""]
+        if "advdm" in methods:
+            lines += ["#### survival after GrIDPure 2 × 20 (1/255), minus AdvDM's: what the purified term buys", "",
+                      survival_vs_advdm(rows, eta, [m for m in PURIFIED if m in methods]), ""]
     lines += objective_section(recs)
     cost = {m: f"{_mean(r['protect_s'] for r in rows if r['method'] == m and r['purifier'] == 'none'):.0f}"
             for m in methods}

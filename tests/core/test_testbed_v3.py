@@ -27,7 +27,8 @@ def test_units_are_ten_distinct_crops_with_their_own_clean_set():
 
 def test_one_unit_end_to_end_and_its_report(tmp_path):
     s = replace(Settings(), **{**v3.V3_SETTINGS, **v3.QUICK, "num_photos": 2,
-                               "methods": ("none", "sds", "advdm", "antipure-pfg50", "oracle"),
+                               "methods": ("none", "sds", "advdm", "antipure-pfg50", "oracle",
+                                           "purified_advdm-one_step"),
                                "purifiers": ("none", "gridpure", "jpeg", "gridpure-unknown")})
     rec = v3.run_unit(7, s, MODELS_DIR, None, log=lambda *_: None)
     cells = {(r["method"], r["purifier"]) for r in rec["rows"]}
@@ -54,6 +55,7 @@ def test_one_unit_end_to_end_and_its_report(tmp_path):
                           "calibration": {}})
     text = paths[0].read_text()
     for want in ("### gridpure-unknown", "Against the best baseline under gridpure", "antipure-pfg50",
+                 "survival after GrIDPure 2 × 20 (1/255), minus AdvDM's",
                  "Each method's own objective", "Survival over GrIDPure iterations"):
         assert want in text, want
     assert paths[1].read_text().count("\n") == 1 + 2 * len(rec["rows"])
